@@ -1,0 +1,151 @@
+"""The Sanic app: OpenAI routes, SSE streaming, API-key auth, and errors in OpenAI's shape.
+
+`create_app` takes an AsyncLLMEngine (or anything shaped like one), so tests build the app around
+a real engine or a fake one; `api.cli` builds the engine and runs the app.
+"""
+from __future__ import annotations
+
+import hmac
+import itertools
+import logging
+import os
+from collections.abc import Callable
+from importlib import metadata
+
+import orjson
+from sanic import HTTPResponse, Request, Sanic
+from sanic.exceptions import SanicException
+
+from api import protocol
+from api.metrics import EngineStats, Metrics, engine_stats
+from api.protocol import APIError
+from api.responses import SSE_HEADERS
+from api.serving import OpenAIServing
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+_app_ids = itertools.count()
+
+
+def version() -> str:
+    try:
+        return metadata.version("cupyllm")
+    except metadata.PackageNotFoundError:  # running from a checkout: read setup.cfg beside the packages
+        import configparser
+        cfg = configparser.ConfigParser()
+        cfg.read(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.cfg"))
+        return cfg.get("metadata", "version", fallback="unknown")
+
+
+def json_response(body: bytes, status: int = 200, headers: dict | None = None) -> HTTPResponse:
+    return HTTPResponse(body, status=status, headers=headers, content_type="application/json")
+
+
+def error_response(e: APIError, headers: dict | None = None) -> HTTPResponse:
+    return json_response(e.body(), e.status, headers)
+
+
+def create_app(engine, served_model_names: list[str] | None = None, api_key: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               stats: Callable[[], EngineStats] | None = None) -> Sanic:
+    """The server around `engine`; `stats` reads the gauges (default: from engine.engine's scheduler)."""
+    llm = engine.engine
+    names = list(served_model_names or [llm.config.model])
+    metrics = Metrics(names[0], stats or (lambda: engine_stats(engine)), llm.max_model_len)
+    serving = OpenAIServing(engine, llm.tokenizer, names, llm.max_model_len, llm.model_config.vocab_size,
+                            metrics, model_root=llm.config.model)
+    app = Sanic(f"cupyllm_{next(_app_ids)}", configure_logging=False)
+    app.config.REQUEST_MAX_SIZE = max_body_bytes
+    app.config.RESPONSE_TIMEOUT = 7 * 24 * 3600  # generations may stream for a long time
+    app.config.NOISY_EXCEPTIONS = False
+    app.ctx.engine, app.ctx.serving, app.ctx.metrics = engine, serving, metrics
+    _add_auth(app, api_key)
+    _add_errors(app)
+    _add_routes(app, engine, serving, metrics)
+    return app
+
+
+def _add_auth(app: Sanic, api_key: str | None) -> None:
+    if not api_key:
+        return
+    expected = api_key.encode()
+    challenge = {"WWW-Authenticate": "Bearer"}
+
+    @app.on_request
+    async def check_api_key(request: Request):
+        if not request.path.startswith("/v1/") and request.path != "/v1":
+            return None
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return error_response(APIError("Missing API key: send the header 'Authorization: Bearer <key>'.",
+                                           401), challenge)
+        if not hmac.compare_digest(token.strip().encode(), expected):
+            return error_response(APIError("Incorrect API key provided.", 401), challenge)
+        return None
+
+
+def _add_errors(app: Sanic) -> None:
+    @app.exception(Exception)
+    async def handle(request: Request, e: Exception):
+        if isinstance(e, APIError):
+            return error_response(e)
+        if isinstance(e, SanicException):  # 404 route, 405 method, 413 body, 408 timeout, malformed HTTP
+            status = e.status_code or 500
+            if status >= 500:
+                logger.error("%s %s failed", request.method, request.path, exc_info=e)
+            return error_response(APIError(str(e) or type(e).__name__, status))
+        logger.error("%s %s failed", request.method, request.path, exc_info=e)
+        return error_response(APIError(f"Internal error: {type(e).__name__}: {e}", 500))
+
+
+def _add_routes(app: Sanic, engine, serving: OpenAIServing, metrics: Metrics) -> None:
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = protocol.parse_completion(protocol.parse_json(request.body))
+        return await _answer(request, await serving.completion(req), req.stream)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = protocol.parse_chat(protocol.parse_json(request.body))
+        return await _answer(request, await serving.chat(req), req.stream)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        return json_response(serving.models())
+
+    @app.get("/health")
+    async def health(request: Request):
+        if engine.is_dead:
+            return error_response(APIError(f"The engine is not running: {engine.dead_error!r}", 503))
+        return HTTPResponse(status=200)
+
+    @app.get("/version")
+    async def version_route(request: Request):
+        return json_response(orjson.dumps({"version": version()}))
+
+    @app.get("/metrics")
+    async def metrics_route(request: Request):
+        return HTTPResponse(metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return json_response(serving.tokenize(protocol.parse_tokenize(protocol.parse_json(request.body))))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return json_response(serving.detokenize(*protocol.parse_detokenize(protocol.parse_json(request.body))))
+
+
+async def _answer(request: Request, job, stream: bool) -> HTTPResponse | None:
+    """Send `job`'s answer; if the client goes away, Sanic cancels this task and `aclose` aborts the job."""
+    try:
+        if not stream:
+            return json_response(await job.response())
+        response = await request.respond(content_type="text/event-stream", headers=SSE_HEADERS)
+        async for chunk in job.chunks():
+            await response.send(chunk)
+        await response.eof()
+        return None
+    finally:
+        await job.aclose()

@@ -1,0 +1,356 @@
+"""The OpenAI endpoints' work between parsing and HTTP: prompts become engine requests, outputs
+become one response body or a stream of SSE chunks.
+
+A list of prompts fans out to one engine request per prompt; the n choices of a prompt are the
+engine's own sequences (they share the prompt's KV blocks). Choice k of prompt i is index i*n + k.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import orjson
+
+from api import responses as R
+from api.metrics import Metrics
+from api.protocol import APIError, ChatRequest, CompletionRequest, make_sampling_params
+from engine.async_engine import EngineDeadError
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+def to_api_error(e: BaseException) -> APIError:
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, EngineDeadError):
+        return APIError(f"The engine is not running: {e}", 503)
+    if isinstance(e, ValueError):
+        return APIError(str(e))
+    logger.error("request failed", exc_info=e)
+    return APIError(f"Internal error: {type(e).__name__}: {e}", 500)
+
+
+class EngineStream:
+    """The engine requests of one API call merged into one stream of (prompt index, RequestOutput).
+
+    `start()` waits for the first output, so a request the engine rejects fails before any byte of
+    the response is sent. `aclose()` aborts whatever is unfinished; the caller always runs it.
+    """
+
+    def __init__(self, engine, metrics: Metrics, request_id: str, prompts: list[list[int]],
+                 params: list[SamplingParams]):
+        self._metrics = metrics
+        self._gens = [engine.generate(f"{request_id}-{i}", ids, p) for i, (ids, p) in enumerate(zip(prompts, params))]
+        self._timers = [metrics.request_timer() for _ in prompts]
+        self._choices = [p.n for p in params]
+        self._tasks: list[asyncio.Task] = []
+        self._iter = self._merged()
+        self._first: tuple[int, RequestOutput] | None = None
+
+    async def start(self) -> None:
+        try:
+            self._first = await self.__anext__()
+        except StopAsyncIteration:
+            pass
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> tuple[int, RequestOutput]:
+        if self._first is not None:
+            item, self._first = self._first, None
+            return item
+        try:
+            return await self._iter.__anext__()
+        except StopAsyncIteration:
+            raise
+        except Exception as e:
+            raise to_api_error(e) from e
+
+    async def _merged(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        if len(self._gens) == 1:  # the common case, without the extra hop through a queue
+            async for out in self._gens[0]:
+                self._metrics.observe(self._timers[0], out)
+                yield 0, out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, gen) -> None:
+            try:
+                async for out in gen:
+                    queue.put_nowait((i, out))
+            except Exception as e:
+                queue.put_nowait((i, e))
+            else:
+                queue.put_nowait((i, None))
+        self._tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(self._gens)]
+        left = len(self._tasks)
+        while left:
+            i, item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                self._metrics.observe(self._timers[i], item)
+                yield i, item
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._iter.aclose()
+        for gen in self._gens:  # a generator left suspended aborts its engine request when closed
+            await gen.aclose()
+        for timer, n in zip(self._timers, self._choices):
+            self._metrics.abandoned(timer, n)
+
+
+class TokenTexts:
+    """Text of single token ids, for logprobs; cached, since the same ids recur in every response."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            text = self._cache[token_id] = self._tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+
+class _Job:
+    """One API request in flight: its engine stream, its prompts and how to shape the answer."""
+
+    def __init__(self, serving: "OpenAIServing", request_id: str, prompts: list[list[int]], params: list):
+        self.serving = serving
+        self.request_id = request_id
+        self.created = int(time.time())
+        self.prompt_ids = prompts
+        self.n = params[0].n
+        self.stream = EngineStream(serving.engine, serving.metrics, request_id, prompts, params)
+
+    def usage(self, completion_tokens: int) -> dict:
+        return R.usage(sum(len(p) for p in self.prompt_ids), completion_tokens)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+    async def collect(self) -> tuple[list[str], list[list], list, list, int]:
+        """Whole texts, logprob entries, finish and stop reasons per choice; completion tokens in all."""
+        num = len(self.prompt_ids) * self.n
+        texts: list[list[str]] = [[] for _ in range(num)]
+        logprobs: list[list] = [[] for _ in range(num)]
+        finish, stop = [None] * num, [None] * num
+        tokens = 0
+        async for i, out in self.stream:
+            for o in out.outputs:
+                k = i * self.n + o.index
+                texts[k].append(o.text)
+                tokens += len(o.token_ids)
+                if o.logprobs:
+                    logprobs[k].extend(o.logprobs)
+                if o.finish_reason is not None:
+                    finish[k], stop[k] = o.finish_reason, o.stop_reason
+        return ["".join(t) for t in texts], logprobs, finish, stop, tokens
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """SSE chunks to the [DONE] terminator; an error after the first byte goes in-band."""
+        try:
+            async for chunk in self._chunks():
+                yield chunk
+        except Exception as e:  # the status line is gone: the error travels as a chunk
+            yield R.sse(to_api_error(e).to_dict())
+        yield R.DONE
+
+    def _chunks(self) -> AsyncIterator[bytes]:
+        raise NotImplementedError
+
+
+class CompletionJob(_Job):
+    def __init__(self, serving, req: CompletionRequest, request_id, prompt_texts, prompts, params):
+        super().__init__(serving, request_id, prompts, params)
+        self.req = req
+        self.prompt_texts = prompt_texts
+
+    def _echo(self, i: int) -> str:
+        return self.prompt_texts[i] if self.req.echo else ""
+
+    async def response(self) -> bytes:
+        texts, logprobs, finish, stop, tokens = await self.collect()
+        choices = []
+        for k, text in enumerate(texts):
+            prefix = self._echo(k // self.n)
+            lp = None
+            if self.req.logprobs is not None:
+                lp, _ = R.completion_logprobs(logprobs[k], self.serving.token_text, len(prefix))
+            choices.append(R.completion_choice(k, prefix + text, lp, finish[k], stop[k]))
+        return R.completion_body(self.request_id, self.created, self.serving.model_name, choices,
+                                 self.usage(tokens))
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        build = R.CompletionChunks(self.request_id, self.created, self.serving.model_name)
+        num = len(self.prompt_ids) * self.n
+        offsets, echoed, tokens = [0] * num, [not self.req.echo] * num, 0
+        async for i, out in self.stream:
+            for o in out.outputs:
+                k = i * self.n + o.index
+                tokens += len(o.token_ids)
+                text = o.text
+                if not echoed[k]:
+                    text, echoed[k] = self._echo(i) + text, True
+                lp = None
+                if self.req.logprobs is not None and o.logprobs:
+                    lp, offsets[k] = R.completion_logprobs(o.logprobs, self.serving.token_text, offsets[k])
+                if text or lp or o.finish_reason is not None:
+                    yield build.choice(k, text, lp, o.finish_reason, o.stop_reason)
+        if self.req.include_usage:
+            yield build.usage(self.usage(tokens))
+
+
+class ChatJob(_Job):
+    def __init__(self, serving, req: ChatRequest, request_id, prompts, params):
+        super().__init__(serving, request_id, prompts, params)
+        self.req = req
+
+    def _logprobs(self, entries: list) -> dict | None:
+        if not self.req.logprobs:
+            return None
+        return R.chat_logprobs(entries, self.serving.token_text, self.req.top_logprobs)
+
+    async def response(self) -> bytes:
+        texts, logprobs, finish, stop, tokens = await self.collect()
+        choices = [R.chat_choice(k, text, self._logprobs(logprobs[k]), finish[k], stop[k])
+                   for k, text in enumerate(texts)]
+        return R.chat_body(self.request_id, self.created, self.serving.model_name, choices, self.usage(tokens))
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        build = R.ChatChunks(self.request_id, self.created, self.serving.model_name)
+        for k in range(self.n):
+            yield build.role(k)
+        tokens = 0
+        async for _, out in self.stream:
+            for o in out.outputs:
+                tokens += len(o.token_ids)
+                lp = self._logprobs(o.logprobs) if o.logprobs else None
+                if o.text or lp or o.finish_reason is not None:
+                    yield build.choice(o.index, o.text, lp, o.finish_reason, o.stop_reason)
+        if self.req.include_usage:
+            yield build.usage(self.usage(tokens))
+
+
+class OpenAIServing:
+    def __init__(self, engine, tokenizer, served_names: list[str], max_model_len: int, vocab_size: int,
+                 metrics: Metrics, model_root: str = ""):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.served_names = served_names
+        self.model_name = served_names[0]
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.metrics = metrics
+        self.model_root = model_root
+        self.token_text = TokenTexts(tokenizer)
+        self.created = int(time.time())
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.served_names:
+            raise APIError(f"The model `{model}` does not exist.", 404, "model")
+
+    def _check_ids(self, ids: list[int], param: str) -> list[int]:
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise APIError(f"token ids in '{param}' must be in [0, {self.vocab_size}); got {bad[:5]}", param=param)
+        return ids
+
+    def _max_tokens(self, num_prompt: int, requested: int | None) -> int:
+        """The completion budget, or the 400 vLLM gives when the prompt and completion exceed the context."""
+        limit = self.max_model_len
+        if requested is None:
+            if num_prompt >= limit:
+                raise APIError(f"This model's maximum context length is {limit} tokens. However, your request "
+                               f"has {num_prompt} input tokens. Please reduce the length of the input messages.")
+            return limit - num_prompt
+        if num_prompt + requested > limit:
+            raise APIError(f"This model's maximum context length is {limit} tokens. However, you requested "
+                           f"{num_prompt + requested} tokens ({num_prompt} in the messages, {requested} in the "
+                           "completion). Please reduce the length of the messages or completion.")
+        return requested
+
+    def _params(self, sampling: dict, num_prompt: int, requested: int | None) -> SamplingParams:
+        params = make_sampling_params({**sampling, "max_tokens": self._max_tokens(num_prompt, requested)})
+        try:
+            params.validate_against_vocab(self.vocab_size)
+        except ValueError as e:
+            raise APIError(str(e)) from None
+        return params
+
+    async def completion(self, req: CompletionRequest) -> CompletionJob:
+        self.check_model(req.model)
+        texts, prompts = [], []
+        for p in req.prompts:
+            if isinstance(p, str):
+                texts.append(p)
+                prompts.append(self.tokenizer.encode(p))
+            else:
+                prompts.append(self._check_ids(p, "prompt"))
+                texts.append(self.tokenizer.decode(p, skip_special_tokens=False) if req.echo else "")
+            if not prompts[-1]:
+                raise APIError("the prompt is empty: give at least one token", param="prompt")
+        params = [self._params(req.sampling, len(ids), req.max_tokens) for ids in prompts]
+        job = CompletionJob(self, req, f"cmpl-{uuid.uuid4().hex}", texts, prompts, params)
+        return await _started(job)
+
+    async def chat(self, req: ChatRequest) -> ChatJob:
+        self.check_model(req.model)
+        ids = self.chat_prompt_ids(req.messages, req.add_generation_prompt, req.template_kwargs)
+        params = self._params(req.sampling, len(ids), req.max_tokens)
+        return await _started(ChatJob(self, req, f"chatcmpl-{uuid.uuid4().hex}", [ids], [params]))
+
+    def chat_prompt_ids(self, messages: list, add_generation_prompt: bool, template_kwargs: dict) -> list[int]:
+        try:
+            prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt, **template_kwargs)
+        except ValueError as e:
+            raise APIError(str(e), param="messages") from None
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        if not ids:
+            raise APIError("the chat template rendered an empty prompt", param="messages")
+        return ids
+
+    def tokenize(self, req: dict) -> bytes:
+        self.check_model(req["model"])
+        if "messages" in req:
+            ids = self.chat_prompt_ids(req["messages"], req["add_generation_prompt"], req["template_kwargs"])
+        else:
+            ids = self.tokenizer.encode(req["prompt"], add_special_tokens=req["add_special_tokens"])
+        strs = [self.tokenizer.id_to_token(t) for t in ids] if req["return_token_strs"] else None
+        return orjson.dumps({"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids,
+                             "token_strs": strs})
+
+    def detokenize(self, model: str | None, ids: list[int]) -> bytes:
+        self.check_model(model)
+        text = self.tokenizer.decode(self._check_ids(ids, "tokens"), skip_special_tokens=False)
+        return orjson.dumps({"prompt": text})
+
+    def models(self) -> bytes:
+        data = [{"id": name, "object": "model", "created": self.created, "owned_by": "cupyllm",
+                 "root": self.model_root or name, "parent": None, "max_model_len": self.max_model_len,
+                 "permission": []} for name in self.served_names]
+        return orjson.dumps({"object": "list", "data": data})
+
+
+async def _started(job: _Job) -> _Job:
+    """Wait for the job's first output; on failure abort what was started and raise the APIError."""
+    try:
+        await job.stream.start()
+    except BaseException:
+        await job.aclose()
+        raise
+    return job

@@ -1,0 +1,206 @@
+"""Configuration dataclasses: the model (from config.json), the KV cache, the scheduler, the engine.
+
+Everything is validated here, at the door, with messages that name the field, its value and what
+is allowed; nothing deeper in the engine re-checks.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ROPE_SCALING = ("llama3", "linear", "default (none)")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A model or engine configuration that cupyllm cannot run; the message says what is supported."""
+
+
+@dataclass(slots=True)
+class RopeScaling:
+    kind: str  # "linear" | "llama3"
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool  # bias on q/k/v projections (Qwen2)
+    qk_norm: bool  # RMSNorm on each head of q and k before RoPE (Qwen3)
+    rope_scaling: RopeScaling | None = None
+    torch_dtype: str = "float32"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    model_path: str = ""
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"config.json: {name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"config.json: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"config.json: head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @classmethod
+    def from_dict(cls, raw: dict, model_path: str = "") -> "ModelConfig":
+        archs = raw.get("architectures") or []
+        arch = archs[0] if archs else None
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"config.json: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        text = raw.get("text_config")
+        if isinstance(text, dict):  # some checkpoints nest the language model's fields
+            raw = {**raw, **text}
+        try:
+            hidden, heads = raw["hidden_size"], raw["num_attention_heads"]
+            head_dim = raw.get("head_dim") or hidden // heads
+            eos = raw.get("eos_token_id")
+            return cls(
+                architecture=arch,
+                vocab_size=raw["vocab_size"],
+                hidden_size=hidden,
+                intermediate_size=raw["intermediate_size"],
+                num_hidden_layers=raw["num_hidden_layers"],
+                num_attention_heads=heads,
+                num_key_value_heads=raw.get("num_key_value_heads") or heads,
+                head_dim=head_dim,
+                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(_rope_theta(raw)),
+                max_position_embeddings=raw.get("max_position_embeddings", 4096),
+                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+                attention_bias=_attention_bias(arch, raw),
+                qk_norm=arch == "Qwen3ForCausalLM",
+                rope_scaling=_rope_scaling(raw.get("rope_scaling") or raw.get("rope_parameters")),
+                torch_dtype=_dtype_name(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+                bos_token_id=raw.get("bos_token_id"),
+                eos_token_ids=tuple(eos if isinstance(eos, list) else ([] if eos is None else [eos])),
+                model_path=model_path,
+            )
+        except KeyError as e:
+            raise ConfigError(f"config.json: required field {e.args[0]!r} is missing for {arch}") from e
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str) -> "ModelConfig":
+        path = os.path.join(model_dir, "config.json")
+        try:
+            with open(path, "rb") as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path} not found: a model directory must hold config.json") from None
+        except ValueError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from e
+        return cls.from_dict(raw, model_path=model_dir)
+
+
+def _rope_theta(raw: dict) -> float:
+    params = raw.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        return params["rope_theta"]
+    return raw.get("rope_theta", 10000.0)
+
+
+def _attention_bias(arch: str, raw: dict) -> bool:
+    if arch == "Qwen2ForCausalLM":
+        return True  # Qwen2 always has q/k/v bias; its config has no field for it
+    return bool(raw.get("attention_bias", False))
+
+
+def _dtype_name(value) -> str:
+    name = str(value).removeprefix("torch.")
+    return {"half": "float16", "bf16": "bfloat16", "fp16": "float16", "float": "float32"}.get(name, name)
+
+
+def _rope_scaling(raw) -> RopeScaling | None:
+    if not raw:
+        return None
+    kind = raw.get("rope_type") or raw.get("type")
+    if kind in (None, "default"):
+        return None
+    if kind == "linear":
+        return RopeScaling("linear", float(raw["factor"]))
+    if kind == "llama3":
+        return RopeScaling("llama3", float(raw["factor"]), float(raw.get("low_freq_factor", 1.0)),
+                           float(raw.get("high_freq_factor", 4.0)),
+                           int(raw.get("original_max_position_embeddings", 8192)))
+    raise ConfigError(
+        f"config.json: rope_scaling type {kind!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_SCALING)}")
+
+
+@dataclass(slots=True)
+class CacheConfig:
+    block_size: int = 16
+    num_blocks: int | None = None  # None: sized from memory (GPU) or from max_model_len x max_num_seqs (CPU)
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self):
+        if self.block_size != 16:
+            raise ConfigError(f"block_size must be 16, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ConfigError(f"num_blocks must be at least 1, got {self.num_blocks}")
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 4096
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str = ""
+    dtype: str = "auto"
+    seed: int = 0
+    device: str = "auto"  # "auto" | "numpy" | "cuda"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    num_kv_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    generation_config: str = "auto"  # "auto": read generation_config.json; "vllm": ignore it
+    chat_template: str | None = None
+    cache: CacheConfig = field(init=False)
+    scheduler: SchedulerConfig = field(init=False)
+
+    def __post_init__(self):
+        if self.dtype not in ("auto", *DTYPES):
+            raise ConfigError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.device not in ("auto", "numpy", "cuda"):
+            raise ConfigError(f"device must be auto, numpy or cuda; got {self.device!r}")
+        self.cache = CacheConfig(num_blocks=self.num_kv_blocks, enable_prefix_caching=self.enable_prefix_caching)
+        self.scheduler = SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len or 4096)

@@ -1,0 +1,194 @@
+"""LLMEngine: add_request / step / abort, and generate() for offline use.
+
+A step is schedule -> run -> post-process and nothing else; the pieces live in the scheduler,
+the model runner and engine/outputs.py.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.block_manager import BlockManager
+from engine.config import ConfigError, EngineConfig, ModelConfig
+from engine.loader import CheckpointWeights, resolve_model_path
+from engine.model_runner import ModelRunner
+from engine.outputs import RequestOutput, SequenceOutputState
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from engine.tokenizer import Tokenizer
+from ops.backend import get_backend
+from ops.sampling import SamplingTensors
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    states: list[SequenceOutputState]
+    arrival_time: float
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        if not config.model:
+            from engine.demo import demo_model_dir
+            config.model = demo_model_dir()
+        t0 = time.perf_counter()
+        self.config = config
+        path = resolve_model_path(config.model)
+        self.model_config = ModelConfig.from_pretrained(path)
+        self.tokenizer = Tokenizer.from_pretrained(path, chat_template=config.chat_template,
+                                                   use_generation_config=config.generation_config != "vllm")
+        mc, sc = self.model_config, config.scheduler
+        if config.max_model_len is None:
+            sc.max_model_len = mc.max_position_embeddings
+        elif config.max_model_len > mc.max_position_embeddings:
+            raise ConfigError(f"max_model_len {config.max_model_len} is larger than the model's "
+                              f"max_position_embeddings ({mc.max_position_embeddings})")
+        self.max_model_len = sc.max_model_len
+        dtype = mc.torch_dtype if config.dtype == "auto" else config.dtype
+        self.backend = get_backend(config.device, dtype)
+        with CheckpointWeights(path) as weights:
+            self.runner = ModelRunner(mc, config, self.backend, weights)
+        num_blocks = self.runner.num_blocks
+        if num_blocks * config.cache.block_size < self.max_model_len:
+            raise ConfigError(f"the KV cache holds {num_blocks} blocks ({num_blocks * config.cache.block_size} "
+                              f"tokens), fewer than one sequence of max_model_len {self.max_model_len}; "
+                              "lower max_model_len or give the cache more memory")
+        self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(sc, self.block_manager)
+        self.eos_token_ids = frozenset(mc.eos_token_ids) | self.tokenizer.eos_token_ids
+        self.requests: dict[str, Request] = {}
+        self._rng = np.random.default_rng(config.seed)
+        logger.info("engine ready in %.2f s: %s on %s, %d KV blocks, max_model_len %d", time.perf_counter() - t0,
+                    mc.architecture, self.backend.name, num_blocks, self.max_model_len)
+
+    # requests
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._validate_prompt(ids)
+        params.validate_against_vocab(self.model_config.vocab_size)
+        seqs = []
+        for i in range(params.n):
+            seed = params.seed + i if params.seed is not None else int(self._rng.integers(2 ** 63))
+            seqs.append(Sequence(request_id, i, ids, params, seed, arrival_time))
+        states = [SequenceOutputState(self.tokenizer, s) for s in seqs]
+        self.requests[request_id] = Request(request_id, ids, params, seqs, states, seqs[0].arrival_time)
+        for s in seqs:
+            self.scheduler.add(s)
+
+    def _validate_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, (int, np.integer)) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"The decoder prompt (length {len(ids)}) is longer than the maximum model length "
+                             f"of {self.max_model_len}. Make sure that `max_model_len` is no smaller than the "
+                             "number of text tokens plus one generated token.")
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            self.scheduler.finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # the step
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        sampling_seqs = [s.seq for s in sched.scheduled if s.samples]
+        tensors = self._sampling_tensors(sampling_seqs) if sampling_seqs else None
+        sampled = self.runner.execute(sched, tensors)
+        touched: dict[str, Request] = {}
+        for row, seq in enumerate(sampling_seqs):
+            self._append_token(seq, sampled, row)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        return [self._request_output(req) for req in touched.values()]
+
+    def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
+        rows = []
+        for seq in seqs:
+            p = seq.params
+            banned = ()
+            if seq.num_output_tokens < p.min_tokens:
+                banned = tuple(p.stop_token_ids or ()) + (() if p.ignore_eos else tuple(self.eos_token_ids))
+            rows.append((p, seq.prompt_token_ids, seq.output_token_ids, seq.seed, banned))
+        return SamplingTensors.build(rows, self.model_config.vocab_size)
+
+    def _append_token(self, seq: Sequence, sampled, row: int) -> None:
+        token = int(sampled.token_ids[row])
+        seq.token_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        if seq.logprobs is not None:
+            n = seq.params.logprobs
+            top = [(int(i), float(v)) for i, v in zip(sampled.top_ids[row, :n], sampled.top_logprobs[row, :n])]
+            seq.logprobs.append((token, float(sampled.logprobs[row]), top))
+        p = seq.params
+        state = self.requests[seq.request_id].states[seq.index]
+        past_min = seq.num_output_tokens >= p.min_tokens
+        stop = state.append(seq, token, check_stops=past_min)
+        if past_min and not p.ignore_eos and token in self.eos_token_ids:
+            self._finish(seq, state, "stop", None)
+        elif past_min and token in (p.stop_token_ids or ()):
+            self._finish(seq, state, "stop", token)
+        elif stop is not None:
+            self._finish(seq, state, "stop", stop)
+        elif (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) \
+                or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, state, "length", None)
+
+    def _finish(self, seq: Sequence, state: SequenceOutputState, reason: str, stop_reason) -> None:
+        if reason != "stop" or not isinstance(stop_reason, str):
+            state.flush()
+        self.scheduler.finish(seq, reason)
+        seq.stop_reason = stop_reason
+
+    def _request_output(self, req: Request) -> RequestOutput:
+        outputs = [state.delta(seq) for seq, state in zip(req.seqs, req.states)]
+        finished = req.finished
+        if finished:
+            del self.requests[req.request_id]
+        return RequestOutput(req.request_id, req.prompt_token_ids, outputs, finished,
+                             max(s.num_cached_tokens for s in req.seqs))
+
+    # offline use
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 ) -> list[RequestOutput]:
+        """Run `prompts` to completion together; outputs in prompt order, whole texts."""
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        ids = [f"generate-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, params_list):
+            self.add_request(rid, prompt, p)
+        results: dict[str, RequestOutput] = {}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                if out.request_id in results:
+                    results[out.request_id].merge(out)
+                else:
+                    results[out.request_id] = out
+        return [results[rid] for rid in ids]

@@ -1,0 +1,260 @@
+"""Find a model's directory (a local path or the Hugging Face cache, never the network) and read its
+safetensors weights (one file, an index of shards, or loose files) through memory maps."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+
+import numpy as np
+
+from engine.safetensors import FLOAT_DTYPES, SafetensorsError, SafetensorsFile, to_float32
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TORCH_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
+MAX_LISTED = 20  # a checkpoint for another architecture would otherwise print hundreds of lines
+
+# A Hub repo id: "org/name" with the characters the Hub allows; anything else is a local path.
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelNotFoundError(ValueError):
+    """Neither a local directory nor a cached Hub snapshot; the message lists every place looked."""
+
+
+class WeightsError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the tensor."""
+
+
+def hub_cache_dir() -> str:
+    """The Hugging Face hub cache, resolved the way huggingface_hub resolves it."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+    return os.path.join(os.path.expanduser(xdg), "huggingface", "hub")
+
+
+def resolve_model_path(model: str) -> str:
+    """A local directory as given, else the cached snapshot of Hub repo `org/name`. Never downloads."""
+    local = os.path.expanduser(model)
+    if os.path.isdir(local):
+        return local
+    looked = [f"{os.path.abspath(local)} (no such directory)"]
+    if _REPO_ID.match(model):
+        org, name = model.split("/")
+        repo_dir = os.path.join(hub_cache_dir(), f"models--{org}--{name}")
+        snapshot = _cached_snapshot(repo_dir, looked)
+        if snapshot is not None:
+            return snapshot
+    places = "\n".join(f"  - {place}" for place in looked)
+    raise ModelNotFoundError(
+        f"model {model!r} not found. Looked in:\n{places}\n"
+        "cupyllm never downloads models (no download was attempted). Pass a local directory holding "
+        "config.json and *.safetensors, or fetch the model first, e.g. `huggingface-cli download "
+        f"{model}`, with HF_HUB_CACHE or HF_HOME pointing at the cache it fills.")
+
+
+def _cached_snapshot(repo_dir: str, looked: list[str]) -> str | None:
+    """The snapshot refs/main names, else the only (or newest) snapshot; appends misses to `looked`."""
+    snapshots = os.path.join(repo_dir, "snapshots")
+    if not os.path.isdir(snapshots):
+        looked.append(f"{snapshots} (not in the Hugging Face cache)")
+        return None
+    ref = os.path.join(repo_dir, "refs", "main")
+    if os.path.isfile(ref):
+        with open(ref, encoding="utf-8") as f:
+            revision = f.read().strip()
+        path = os.path.join(snapshots, revision)
+        if os.path.isdir(path):
+            return path
+        # refs/main is the truth about which revision is current: an older snapshot would be stale
+        looked.append(f"{path} (refs/main names revision {revision!r}, but that snapshot is missing)")
+        return None
+    candidates = [os.path.join(snapshots, d) for d in os.listdir(snapshots)]
+    candidates = [c for c in candidates if os.path.isdir(c)]
+    if not candidates:
+        looked.append(f"{snapshots} (no refs/main and no snapshot directories)")
+        return None
+    return max(candidates, key=os.path.getmtime)
+
+
+class CheckpointWeights:
+    """The tensors of a model directory's safetensors files, each file opened once as a memory map.
+
+    `get` widens to float32 (the CPU path); `get_raw` hands out the stored bits without a copy
+    (the GPU path uploads fp16/bf16 as they are). Use as a context manager or call `close()`.
+    """
+
+    def __init__(self, model_dir: str):
+        self.model_dir = str(model_dir)
+        self.paths, index_map = _find_weight_files(self.model_dir)
+        self._files: dict[str, SafetensorsFile] = {}
+        self._where: dict[str, str] = {}  # tensor name -> path of the file holding it
+        try:
+            for path in self.paths:
+                self._open(path)
+            if index_map is not None:
+                self._check_index(index_map)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, path: str) -> None:
+        try:
+            file = SafetensorsFile(path)
+        except SafetensorsError as e:
+            raise WeightsError(str(e)) from e
+        self._files[path] = file
+        for name in file.tensors:
+            if name in self._where:
+                raise WeightsError(
+                    f"tensor {name!r} is stored twice, in {self._where[name]} and in {path}; "
+                    "cannot tell which one the model should use")
+            self._where[name] = path
+
+    def _check_index(self, index_map: dict[str, str]) -> None:
+        # The index is what transformers trusts; a shard that disagrees means a half-copied checkpoint.
+        for name, shard in index_map.items():
+            path = os.path.join(self.model_dir, shard)
+            if self._where.get(name) != path:
+                raise WeightsError(
+                    f"{os.path.join(self.model_dir, INDEX_FILE)} places tensor {name!r} in {path}, "
+                    "but that shard has no such tensor"
+                    + (f" (it is in {self._where[name]})" if name in self._where else ""))
+
+    def __enter__(self) -> "CheckpointWeights":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop the memory maps. Each is unmapped once no array returned by `get_raw` still uses it."""
+        self._files.clear()
+        self._where.clear()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def info(self, name: str) -> tuple[str, str, tuple[int, ...]]:
+        """(path of the file holding it, safetensors dtype name, shape)."""
+        path = self._path_of(name)
+        tensor = self._files[path].tensors[name]
+        return path, tensor.dtype, tensor.shape
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor as a new float32 array (BF16 and F16 widened exactly)."""
+        raw, dtype = self.get_raw(name)
+        return to_float32(raw, dtype)
+
+    def get_raw(self, name: str) -> tuple[np.ndarray, str]:
+        """A read-only zero-copy view of the stored bits (uint16 for BF16) and its dtype name."""
+        path, dtype, _ = self.info(name)
+        if dtype not in FLOAT_DTYPES:
+            raise WeightsError(_dtype_message(path, name, dtype))
+        return self._files[path].get(name), dtype
+
+    def check(self, expected: dict[str, tuple[int, ...]]) -> None:
+        """Raise one WeightsError listing every missing tensor, wrong shape and non-float dtype.
+
+        Tensors not in `expected` are ignored: a checkpoint with tied embeddings may still carry
+        `lm_head.weight`, and the model simply does not ask for it.
+        """
+        missing = [name for name in expected if name not in self._where]
+        problems = []
+        for name, shape in expected.items():
+            if name not in self._where:
+                continue
+            path, dtype, got = self.info(name)
+            if tuple(got) != tuple(shape):
+                problems.append(f"{path}: tensor {name!r} has shape {list(got)}, expected {list(shape)}")
+            if dtype not in FLOAT_DTYPES:
+                problems.append(_dtype_message(path, name, dtype))
+        if not missing and not problems:
+            return
+        lines = [f"{self.model_dir}: the checkpoint does not match the model"]
+        if missing:
+            lines.append(f"  {len(missing)} missing tensor(s), searched {', '.join(self.paths)}:")
+            lines += _capped([f"    {name}" for name in missing])
+        if problems:
+            lines.append(f"  {len(problems)} tensor(s) with the wrong shape or dtype:")
+            lines += _capped([f"    {p}" for p in problems])
+        raise WeightsError("\n".join(lines))
+
+    def _path_of(self, name: str) -> str:
+        path = self._where.get(name)
+        if path is None:
+            searched = ", ".join(self.paths) if self._files else "nothing (closed)"
+            raise WeightsError(f"tensor {name!r} not found in {self.model_dir} (searched {searched})")
+        return path
+
+
+def _dtype_message(path: str, name: str, dtype: str) -> str:
+    return (f"{path}: tensor {name!r} has dtype {dtype}; weights must be one of "
+            f"{', '.join(FLOAT_DTYPES)}")
+
+
+def _capped(lines: list[str]) -> list[str]:
+    if len(lines) <= MAX_LISTED:
+        return lines
+    return lines[:MAX_LISTED] + [f"    ... and {len(lines) - MAX_LISTED} more"]
+
+
+def _find_weight_files(model_dir: str) -> tuple[list[str], dict[str, str] | None]:
+    """model.safetensors, else the shards its index names, else every *.safetensors in the dir;
+    with the index's weight_map when one is used."""
+    if not os.path.isdir(model_dir):
+        raise WeightsError(f"{model_dir}: not a directory; expected a model directory with *.safetensors")
+    single = os.path.join(model_dir, SINGLE_FILE)
+    if os.path.isfile(single):
+        return [single], None
+    index_map = _read_index(model_dir)
+    if index_map is not None:
+        return _shard_paths(model_dir, index_map), index_map
+    found = sorted(glob.glob(os.path.join(glob.escape(model_dir), "*.safetensors")))
+    if found:
+        return found, None
+    message = f"{model_dir}: no *.safetensors weights found; cupyllm only loads safetensors checkpoints"
+    torch_files = [f for f in TORCH_FILES if os.path.exists(os.path.join(model_dir, f))]
+    if torch_files:
+        message += (f". It holds {', '.join(torch_files)} (a pickled PyTorch checkpoint, which cupyllm does "
+                    "not unpickle): convert it once with transformers, e.g. `AutoModelForCausalLM."
+                    "from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`")
+    raise WeightsError(message)
+
+
+def _read_index(model_dir: str) -> dict[str, str] | None:
+    """The index's weight_map (tensor name -> shard file name), or None without an index file."""
+    path = os.path.join(model_dir, INDEX_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            weight_map = json.load(f)["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise WeightsError(
+            f"{path}: not a valid index, expected JSON with a 'weight_map' object ({e!r})") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise WeightsError(f"{path}: 'weight_map' must map tensor names to shard file names")
+    return weight_map
+
+
+def _shard_paths(model_dir: str, index_map: dict[str, str]) -> list[str]:
+    shards = list(dict.fromkeys(index_map.values()))
+    missing = [s for s in shards if not os.path.isfile(os.path.join(model_dir, s))]
+    if missing:
+        held = {s: [n for n, f in index_map.items() if f == s] for s in missing}
+        listed = "\n".join(
+            f"  - {os.path.join(model_dir, s)} (holds {len(held[s])} tensor(s), e.g. {held[s][0]!r})"
+            for s in missing)
+        raise WeightsError(
+            f"{os.path.join(model_dir, INDEX_FILE)} names {len(missing)} shard(s) that are missing "
+            f"(an incomplete download?):\n{listed}")
+    return [os.path.join(model_dir, s) for s in shards]

@@ -1,0 +1,82 @@
+"""ModelRunner: packs a scheduled step into arrays, runs the model on the backend, samples.
+
+It owns the KV cache and is the only engine module that touches device arrays.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from engine.config import EngineConfig, ModelConfig
+from engine.models.llama import LlamaModel, expected_shapes
+from engine.scheduler import SchedulerOutput
+from ops.metadata import AttentionMetadata
+from ops.sampling import SamplerOutput, SamplingTensors
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, backend, weights):
+        self.config = model_config
+        self.backend = backend
+        self.block_size = engine_config.cache.block_size
+        self.max_model_len = engine_config.scheduler.max_model_len
+        weights.check(expected_shapes(model_config))
+        self.model = LlamaModel(model_config, backend, self.max_model_len)
+        self.model.load_weights(weights.get)
+        self.num_blocks = engine_config.cache.num_blocks or self._default_num_blocks(engine_config)
+        c = model_config
+        # One allocation for all layers: [layers, k/v, blocks, Hkv, block_size, D].
+        self.kv_cache = backend.zeros((c.num_hidden_layers, 2, self.num_blocks, c.num_key_value_heads,
+                                       self.block_size, c.head_dim))
+        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(c.num_hidden_layers)]
+        self.num_computed_tokens_total = 0  # tokens run through the model: tests check prefix hits skip work
+
+    def _default_num_blocks(self, cfg: EngineConfig) -> int:
+        # On the CPU there is no memory profile to run: room for every sequence at full length.
+        s = cfg.scheduler
+        return min(s.max_num_seqs, 64) * -(-s.max_model_len // self.block_size)
+
+    def prepare(self, sched: SchedulerOutput):
+        """Host arrays of one step: ids, positions and the attention metadata."""
+        bs = self.block_size
+        items = sched.scheduled
+        lens = np.fromiter((s.num_tokens for s in items), np.int32, len(items))
+        query_start_loc = np.zeros(len(items) + 1, np.int32)
+        np.cumsum(lens, out=query_start_loc[1:])
+        input_ids = np.empty(query_start_loc[-1], np.int32)
+        positions = np.empty_like(input_ids)
+        slot_mapping = np.empty_like(input_ids)
+        seq_lens = np.empty(len(items), np.int32)
+        max_blocks = max(len(s.seq.block_table) for s in items)
+        block_tables = np.zeros((len(items), max_blocks), np.int32)
+        for b, s in enumerate(items):
+            lo, hi = query_start_loc[b], query_start_loc[b + 1]
+            input_ids[lo:hi] = s.seq.token_ids[s.start:s.start + s.num_tokens]
+            pos = np.arange(s.start, s.start + s.num_tokens, dtype=np.int32)
+            positions[lo:hi] = pos
+            table = np.asarray(s.seq.block_table, np.int32)
+            block_tables[b, :len(table)] = table
+            slot_mapping[lo:hi] = table[pos // bs] * bs + pos % bs
+            seq_lens[b] = s.start + s.num_tokens
+        meta = AttentionMetadata(query_start_loc, seq_lens, block_tables, slot_mapping,
+                                 max_query_len=int(lens.max()), max_seq_len=int(seq_lens.max()))
+        return input_ids, positions, meta
+
+    def execute(self, sched: SchedulerOutput, sampling: SamplingTensors | None) -> SamplerOutput | None:
+        """Run one step. Returns sampled tokens for the sequences whose `samples` is true, in order."""
+        b = self.backend
+        input_ids, positions, meta = self.prepare(sched)
+        self.num_computed_tokens_total += len(input_ids)
+        to_device = lambda a: b.from_host(a)  # noqa: E731
+        dev_meta = AttentionMetadata(*(to_device(getattr(meta, f)) for f in
+                                       ("query_start_loc", "seq_lens", "block_tables", "slot_mapping")),
+                                     meta.max_query_len, meta.max_seq_len)
+        hidden = self.model.forward(to_device(input_ids), to_device(positions), dev_meta, self.kv_caches)
+        rows = [int(meta.query_start_loc[i + 1]) - 1 for i, s in enumerate(sched.scheduled) if s.samples]
+        if not rows:
+            return None
+        logits = self.model.compute_logits(hidden[to_device(np.asarray(rows, np.int32))])
+        return b.sample(logits, sampling)

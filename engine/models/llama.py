@@ -1,0 +1,130 @@
+"""The decoder-only transformer of Llama, Mistral, Qwen2/2.5 and Qwen3, written once against a backend.
+
+Qwen2 adds q/k/v biases, Qwen3 a per-head RMSNorm on q and k before RoPE; both are flags of the
+same layer. q/k/v and gate/up projections are merged at load time so each is one GEMM.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np  # host-side only: merging checkpoint tensors before upload
+
+from engine.config import ModelConfig
+from ops.metadata import AttentionMetadata
+from ops.reference import rope_cos_sin
+
+
+@dataclass(slots=True)
+class LayerWeights:
+    input_norm: Any  # [H]
+    qkv: Any  # [(Hq + 2*Hkv) * D, H]
+    qkv_bias: Any  # [(Hq + 2*Hkv) * D] or None
+    o_proj: Any  # [H, Hq * D]
+    o_bias: Any  # [H] or None
+    q_norm: Any  # [D] or None (Qwen3)
+    k_norm: Any
+    post_norm: Any  # [H]
+    gate_up: Any  # [2 * I, H]
+    down: Any  # [H, I]
+
+
+def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every checkpoint tensor the model reads, with its shape."""
+    h, d = c.hidden_size, c.head_dim
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, h)
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (c.q_size, h),
+            p + "self_attn.k_proj.weight": (c.kv_size, h),
+            p + "self_attn.v_proj.weight": (c.kv_size, h),
+            p + "self_attn.o_proj.weight": (h, c.q_size),
+            p + "mlp.gate_proj.weight": (c.intermediate_size, h),
+            p + "mlp.up_proj.weight": (c.intermediate_size, h),
+            p + "mlp.down_proj.weight": (h, c.intermediate_size),
+        }
+        if c.attention_bias:
+            shapes |= {p + "self_attn.q_proj.bias": (c.q_size,), p + "self_attn.k_proj.bias": (c.kv_size,),
+                       p + "self_attn.v_proj.bias": (c.kv_size,)}
+            if c.architecture != "Qwen2ForCausalLM":  # Llama's attention_bias covers o_proj too
+                shapes[p + "self_attn.o_proj.bias"] = (h,)
+        if c.qk_norm:
+            shapes |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
+    return shapes
+
+
+class LlamaModel:
+    def __init__(self, config: ModelConfig, backend, max_positions: int):
+        self.config = config
+        self.backend = backend
+        self.layers: list[LayerWeights] = []
+        self.embed = self.final_norm = self.lm_head = None
+        self.cos_sin = backend.from_host(
+            rope_cos_sin(config.head_dim, max_positions, config.rope_theta, config.rope_scaling), backend.dtype)
+        self.scale = config.head_dim ** -0.5
+
+    def load_weights(self, get: Callable[[str], Any]) -> None:
+        """`get(name)` returns a checkpoint tensor as a host array; merged weights are built here."""
+        b, c = self.backend, self.config
+        w = lambda name: b.weight(get(name))  # noqa: E731
+        self.embed = w("model.embed_tokens.weight")
+        self.final_norm = w("model.norm.weight")
+        self.lm_head = self.embed if c.tie_word_embeddings else w("lm_head.weight")
+        self.layers = []
+        for i in range(c.num_hidden_layers):
+            p = f"model.layers.{i}."
+            merged = lambda *names: b.weight(np.concatenate([get(p + n) for n in names]))  # noqa: E731
+            self.layers.append(LayerWeights(
+                input_norm=w(p + "input_layernorm.weight"),
+                qkv=merged("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+                qkv_bias=merged("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
+                if c.attention_bias else None,
+                o_proj=w(p + "self_attn.o_proj.weight"),
+                o_bias=w(p + "self_attn.o_proj.bias")
+                if c.attention_bias and c.architecture != "Qwen2ForCausalLM" else None,
+                q_norm=w(p + "self_attn.q_norm.weight") if c.qk_norm else None,
+                k_norm=w(p + "self_attn.k_norm.weight") if c.qk_norm else None,
+                post_norm=w(p + "post_attention_layernorm.weight"),
+                gate_up=merged("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+                down=w(p + "mlp.down_proj.weight"),
+            ))
+
+    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> Any:
+        """Hidden states after the final norm, [T, H]. kv_caches[i] = (k_cache, v_cache) of layer i."""
+        b, c = self.backend, self.config
+        t, h, eps = input_ids.shape[0], c.hidden_size, c.rms_norm_eps
+        residual = b.empty((t, h))
+        x = b.empty((t, h))
+        qkv = b.empty((t, c.q_size + 2 * c.kv_size))
+        attn = b.empty((t, c.q_size))
+        hidden = b.empty((t, h))
+        gate_up = b.empty((t, 2 * c.intermediate_size))
+        act = b.empty((t, c.intermediate_size))
+        b.embedding(input_ids, self.embed, residual)
+        b.rms_norm(residual, self.layers[0].input_norm, eps, x)
+        for i, layer in enumerate(self.layers):
+            k_cache, v_cache = kv_caches[i]
+            if i > 0:
+                b.add_rms_norm(hidden, residual, layer.input_norm, eps, x)
+            b.linear(x, layer.qkv, layer.qkv_bias, qkv)
+            b.rope_and_cache(qkv, positions, meta.slot_mapping, k_cache, v_cache, self.cos_sin,
+                             layer.q_norm, layer.k_norm, eps)
+            b.attention(qkv, k_cache, v_cache, meta, self.scale, attn)
+            b.linear(attn, layer.o_proj, layer.o_bias, hidden)
+            b.add_rms_norm(hidden, residual, layer.post_norm, eps, x)
+            b.linear(x, layer.gate_up, None, gate_up)
+            b.silu_and_mul(gate_up, act)
+            b.linear(act, layer.down, None, hidden)
+        b.add_rms_norm(hidden, residual, self.final_norm, eps, x)
+        return x
+
+    def compute_logits(self, hidden) -> Any:
+        # hidden: [B, H] rows of the tokens that sample; logits: [B, V]
+        logits = self.backend.empty((hidden.shape[0], self.config.vocab_size))
+        self.backend.linear(hidden, self.lm_head, None, logits)
+        return logits

@@ -1,0 +1,84 @@
+"""Picks the compute backend: `cuda` when CuPy sees a GPU and the CUDA ops are present, else `numpy`.
+
+A backend is an object with `xp` (numpy or cupy), allocation helpers and the model ops, all with
+the argument lists of ops/reference.py. Model code never imports numpy or cupy for compute.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ops import reference, sampling
+
+logger = logging.getLogger(__name__)
+
+
+class NumpyBackend:
+    """Runs every op with ops/reference.py in float32 on the CPU."""
+
+    name = "numpy"
+    xp = np
+
+    def __init__(self, dtype: str = "float32"):
+        # The numpy backend always computes in float32; `dtype` is what the user asked for.
+        self.requested_dtype = dtype
+        self.dtype = np.dtype(np.float32)
+
+    # memory
+    def empty(self, shape, dtype=None):
+        return np.empty(shape, dtype=dtype or self.dtype)
+
+    def zeros(self, shape, dtype=None):
+        return np.zeros(shape, dtype=dtype or self.dtype)
+
+    def from_host(self, array: np.ndarray, dtype=None) -> np.ndarray:
+        return np.ascontiguousarray(array, dtype=dtype or array.dtype)
+
+    def weight(self, array: np.ndarray) -> np.ndarray:
+        """A weight in the compute dtype, copied out of the checkpoint's memory map."""
+        return np.array(array, dtype=self.dtype, order="C")
+
+    def to_host(self, array) -> np.ndarray:
+        return array
+
+    def synchronize(self) -> None:
+        pass
+
+    # ops
+    embedding = staticmethod(reference.embedding)
+    rms_norm = staticmethod(reference.rms_norm)
+    add_rms_norm = staticmethod(reference.add_rms_norm)
+    linear = staticmethod(reference.linear)
+    silu_and_mul = staticmethod(reference.silu_and_mul)
+    rope_and_cache = staticmethod(reference.rope_and_cache)
+    attention = staticmethod(reference.attention)
+    sample = staticmethod(sampling.sample)
+
+
+def cuda_available() -> bool:
+    try:
+        import cupy  # noqa: F401  (optional dependency: the [cuda12] / [cuda13] extras)
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # ImportError, or CUDA present without a device/driver
+        return False
+
+
+def get_backend(device: str = "auto", dtype: str = "float32"):
+    """`device`: "auto" | "numpy" | "cuda"."""
+    if device == "numpy":
+        return NumpyBackend(dtype)
+    try:
+        from ops.cuda import CudaBackend  # built by the CUDA ops issue
+    except ImportError:
+        CudaBackend = None
+    if device == "cuda":
+        if CudaBackend is None or not cuda_available():
+            raise RuntimeError("device 'cuda' was asked for but no CUDA backend is usable here "
+                               "(needs CuPy from the [cuda12]/[cuda13] extra, a GPU, and ops/cuda.py); "
+                               "use --device numpy")
+        return CudaBackend(dtype)
+    if CudaBackend is not None and cuda_available():
+        return CudaBackend(dtype)
+    logger.info("no usable GPU: running on the numpy backend (float32, for tiny models)")
+    return NumpyBackend(dtype)

@@ -1,0 +1,181 @@
+"""LLMEngine on the demo model: stop conditions, n > 1, prefix caching, seeds, aborts, bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine.config import ConfigError, EngineConfig, ModelConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+
+PROMPT = "The quick brown fox jumps over the lazy dog near the old river bank."
+# The demo model's greedy output repeats one token; seeded sampling gives varied, reproducible text.
+SEEDED = dict(temperature=1.0, seed=3)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return LLMEngine(EngineConfig(device="numpy", max_model_len=512, seed=1))
+
+
+def _one(engine, prompt, **kw):
+    return engine.generate([prompt], SamplingParams(**kw))[0].outputs[0]
+
+
+def test_greedy_is_deterministic_and_stops_at_max_tokens(engine):
+    a = _one(engine, PROMPT, temperature=0.0, max_tokens=20, ignore_eos=True)
+    b = _one(engine, PROMPT, temperature=0.0, max_tokens=20, ignore_eos=True)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 20
+    assert a.finish_reason == "length" and a.stop_reason is None
+    assert a.text == engine.tokenizer.decode(a.token_ids)
+
+
+def test_stop_string_across_token_boundaries(engine):
+    full = _one(engine, PROMPT, **SEEDED, max_tokens=40, ignore_eos=True)
+    # A stop string that starts inside one token and ends inside a later one.
+    pieces = [engine.tokenizer.decode([t]) for t in full.token_ids]
+    k = next(i for i in range(3, len(pieces) - 2) if len(pieces[i]) >= 2 and len(pieces[i + 1]) >= 1)
+    before = "".join(pieces[:k])
+    stop = pieces[k][1:] + pieces[k + 1]
+    assert before + pieces[k][:1] + stop in full.text
+    cut = full.text.index(stop)
+    out = _one(engine, PROMPT, **SEEDED, max_tokens=40, ignore_eos=True, stop=[stop])
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == full.text[:cut]
+    kept = _one(engine, PROMPT, **SEEDED, max_tokens=40, ignore_eos=True, stop=[stop],
+                include_stop_str_in_output=True)
+    assert kept.text == full.text[:cut + len(stop)]
+
+
+def test_stop_token_ids_and_min_tokens(engine):
+    full = _one(engine, PROMPT, **SEEDED, max_tokens=30, ignore_eos=True)
+    target = full.token_ids[6]
+    first = full.token_ids.index(target)
+    out = _one(engine, PROMPT, **SEEDED, max_tokens=30, ignore_eos=True, stop_token_ids=[target])
+    assert out.token_ids == full.token_ids[:first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == target
+    # A logit bias that makes EOS certain: min_tokens holds it off for exactly 5 tokens.
+    eos = engine.tokenizer.eos_token_id
+    out = _one(engine, PROMPT, temperature=0.0, max_tokens=30, min_tokens=5, logit_bias={eos: 100.0})
+    assert len(out.token_ids) == 6 and out.token_ids[-1] == eos and eos not in out.token_ids[:5]
+    assert out.finish_reason == "stop" and out.stop_reason is None
+    ignored = _one(engine, PROMPT, temperature=0.0, max_tokens=8, logit_bias={eos: 100.0}, ignore_eos=True)
+    assert ignored.token_ids == [eos] * 8 and ignored.finish_reason == "length"
+
+
+def _fresh(**kw) -> LLMEngine:
+    """An engine with an empty prefix cache, for tests that count computed tokens."""
+    return LLMEngine(EngineConfig(device="numpy", max_model_len=512, **kw))
+
+
+def test_n_choices_share_the_prompt_blocks():
+    engine = _fresh()
+    ids = engine.tokenizer.encode(PROMPT * 3)[:40]  # 2 full blocks + 8 tokens
+    before = engine.runner.num_computed_tokens_total
+    out = engine.generate([ids], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=10, ignore_eos=True))[0]
+    computed = engine.runner.num_computed_tokens_total - before
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert all(len(o.token_ids) == 10 for o in out.outputs)
+    # First choice computes the prompt; the others only the 8-token tail, then 9 decodes each.
+    assert computed == 40 + 2 * 8 + 3 * 9
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1, "different seeds per choice"
+
+
+def test_prefix_cache_reuse_skips_work_and_keeps_output():
+    engine = _fresh()
+    base = engine.tokenizer.encode(PROMPT * 6)
+    assert len(base) > 70
+    first, second = base[:60], base[:48] + base[10:25]
+    engine.generate([first], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    before = engine.runner.num_computed_tokens_total
+    out = engine.generate([second], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))[0]
+    assert out.num_cached_tokens == 48
+    assert engine.runner.num_computed_tokens_total - before == len(second) - 48 + 3
+    fresh = _fresh(enable_prefix_caching=False)
+    ref = fresh.generate([second], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))[0]
+    assert ref.num_cached_tokens == 0
+    assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+
+
+def test_seeded_request_reproduces_inside_different_batches(engine):
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=12, ignore_eos=True)
+    alone = engine.generate([PROMPT], params)[0].outputs[0].token_ids
+    noisy = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
+    batch = engine.generate(["Another prompt entirely", PROMPT, "x y z"], [noisy, params, noisy])
+    assert batch[1].outputs[0].token_ids == alone
+
+
+def test_abort_returns_blocks(engine):
+    engine.add_request("to-abort", PROMPT, SamplingParams(max_tokens=100, ignore_eos=True))
+    engine.step()
+    assert engine.block_manager.usage > 0
+    engine.abort("to-abort")
+    assert engine.block_manager.usage == 0.0 and not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ([], SamplingParams(), "prompt is empty"),
+    ([5, 10 ** 6], SamplingParams(), "prompt token ids must be integers in [0,"),
+    ([-1], SamplingParams(), "prompt token ids must be integers in [0,"),
+    ([1] * 600, SamplingParams(), "longer than the maximum model length of 512"),
+    ([1, 2], SamplingParams(logit_bias={10 ** 6: 1.0}), "logit_bias"),
+    ([1, 2], SamplingParams(stop_token_ids=[10 ** 6]), "stop_token_ids"),
+])
+def test_bad_requests_are_refused_and_nothing_leaks(engine, prompt, params, message):
+    with pytest.raises(ValueError, match=None) as e:
+        engine.add_request("bad", prompt, params)
+    assert message in str(e.value)
+    assert not engine.has_unfinished_requests() and engine.block_manager.usage == 0.0
+
+
+def test_duplicate_request_id(engine):
+    engine.add_request("dup", PROMPT, SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("dup", PROMPT, SamplingParams(max_tokens=1))
+    engine.abort("dup")
+
+
+def _config(**overrides):
+    raw = {"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    raw.update(overrides)
+    return raw
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(architectures=["GPT2LMHeadModel"]), "architecture 'GPT2LMHeadModel' is not supported; supported: "
+     "LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, Qwen3ForCausalLM"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling type 'yarn' is not supported; "
+     "supported: llama3, linear"),
+    (dict(num_key_value_heads=3), "must be a multiple of num_key_value_heads (3)"),
+    (dict(hidden_size=0), "hidden_size must be a positive integer, got 0"),
+])
+def test_unsupported_configs_name_the_field(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_dict(_config(**overrides))
+    assert message in str(e.value)
+
+
+def test_missing_config_field_and_file(tmp_path):
+    raw = _config()
+    del raw["intermediate_size"]
+    with pytest.raises(ConfigError, match="'intermediate_size' is missing for LlamaForCausalLM"):
+        ModelConfig.from_dict(raw)
+    with pytest.raises(ConfigError, match="config.json not found"):
+        ModelConfig.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        ModelConfig.from_pretrained(str(tmp_path))
+
+
+def test_config_fields_read_from_real_families(checkpoint):
+    path, _ = checkpoint("qwen3")
+    c = ModelConfig.from_pretrained(path)
+    assert c.qk_norm and c.head_dim == 32 and not c.attention_bias and c.tie_word_embeddings
+    path, _ = checkpoint("llama3_scaled")
+    c = ModelConfig.from_pretrained(path)
+    assert c.rope_scaling.kind == "llama3" and c.rope_scaling.factor == 8.0 and not c.tie_word_embeddings
+    path, _ = checkpoint("qwen2_untied")
+    assert ModelConfig.from_pretrained(path).attention_bias
+    assert json.load(open(f"{path}/config.json"))["architectures"] == ["Qwen2ForCausalLM"]
