@@ -172,9 +172,10 @@ def _sampling_kwargs(body: dict) -> dict:
         presence_penalty=_float(body, "presence_penalty"),
         frequency_penalty=_float(body, "frequency_penalty"),
         repetition_penalty=_float(body, "repetition_penalty"),
-        seed=_int(body, "seed"),
+        seed=_int(body, "seed", None, INT64[0], 2 ** 64 - 1),
         stop=_stop(body),
-        stop_token_ids=_int_list(body["stop_token_ids"], "stop_token_ids") if body.get("stop_token_ids") else None,
+        stop_token_ids=(None if body.get("stop_token_ids") is None
+                        else _int_list(body["stop_token_ids"], "stop_token_ids")),
         min_tokens=_int(body, "min_tokens", None, 0),
         ignore_eos=_bool(body, "ignore_eos"),
         include_stop_str_in_output=_bool(body, "include_stop_str_in_output"),
@@ -271,7 +272,7 @@ class ChatRequest:
 def parse_chat(body: dict) -> ChatRequest:
     if body.get("tools"):
         raise APIError("'tools' is not supported yet: tool calling is not implemented", param="tools")
-    _reject(body, "tool_choice", "tool calling is not implemented", (None, "none"))
+    _reject(body, "tool_choice", "tool calling is not implemented", (None, "none", "auto"))
     _reject(body, "functions", "function calling is not implemented")
     _reject(body, "function_call", "function calling is not implemented", (None, "none"))
     _reject(body, "chat_template", "a per-request chat template; the server's --chat-template is used")

@@ -130,7 +130,7 @@ def _add_routes(app: Sanic, engine, serving: OpenAIServing, metrics: Metrics) ->
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        return json_response(serving.tokenize(protocol.parse_tokenize(protocol.parse_json(request.body))))
+        return json_response(await serving.tokenize(protocol.parse_tokenize(protocol.parse_json(request.body))))
 
     @app.post("/detokenize")
     async def detokenize(request: Request):

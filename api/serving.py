@@ -23,6 +23,8 @@ from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+LONG_TEXT_CHARS = 16384  # texts at least this long are tokenized off the event loop
+
 
 def to_api_error(e: BaseException) -> APIError:
     if isinstance(e, APIError):
@@ -298,7 +300,7 @@ class OpenAIServing:
         for p in req.prompts:
             if isinstance(p, str):
                 texts.append(p)
-                prompts.append(self.tokenizer.encode(p))
+                prompts.append(await self.encode(p, add_special_tokens=True))
             else:
                 prompts.append(self._check_ids(p, "prompt"))
                 texts.append(self.tokenizer.decode(p, skip_special_tokens=False) if req.echo else "")
@@ -310,26 +312,35 @@ class OpenAIServing:
 
     async def chat(self, req: ChatRequest) -> ChatJob:
         self.check_model(req.model)
-        ids = self.chat_prompt_ids(req.messages, req.add_generation_prompt, req.template_kwargs)
+        ids = await self.chat_prompt_ids(req.messages, req.add_generation_prompt, req.template_kwargs)
         params = self._params(req.sampling, len(ids), req.max_tokens)
         return await _started(ChatJob(self, req, f"chatcmpl-{uuid.uuid4().hex}", [ids], [params]))
 
-    def chat_prompt_ids(self, messages: list, add_generation_prompt: bool, template_kwargs: dict) -> list[int]:
+    async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        """Token ids of `text`; a long text is encoded on a worker thread so the event loop keeps serving."""
+        if len(text) < LONG_TEXT_CHARS:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
+
+    async def chat_prompt_ids(self, messages: list, add_generation_prompt: bool, template_kwargs: dict,
+                              add_special_tokens: bool = False) -> list[int]:
+        """The rendered chat prompt's ids; the template adds BOS itself, hence no special tokens by default."""
         try:
             prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt, **template_kwargs)
         except ValueError as e:
             raise APIError(str(e), param="messages") from None
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        ids = await self.encode(prompt, add_special_tokens)
         if not ids:
             raise APIError("the chat template rendered an empty prompt", param="messages")
         return ids
 
-    def tokenize(self, req: dict) -> bytes:
+    async def tokenize(self, req: dict) -> bytes:
         self.check_model(req["model"])
         if "messages" in req:
-            ids = self.chat_prompt_ids(req["messages"], req["add_generation_prompt"], req["template_kwargs"])
+            ids = await self.chat_prompt_ids(req["messages"], req["add_generation_prompt"], req["template_kwargs"],
+                                             req["add_special_tokens"])
         else:
-            ids = self.tokenizer.encode(req["prompt"], add_special_tokens=req["add_special_tokens"])
+            ids = await self.encode(req["prompt"], req["add_special_tokens"])
         strs = [self.tokenizer.id_to_token(t) for t in ids] if req["return_token_strs"] else None
         return orjson.dumps({"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids,
                              "token_strs": strs})

@@ -64,9 +64,10 @@ class BlockManager:
             assert not seq.block_table and seq.num_computed_tokens == 0
         computed = seq.num_computed_tokens + len(cached_blocks) * bs
         need = self.blocks_needed(computed + num_new_tokens) - len(seq.block_table) - len(cached_blocks)
-        reusable = sum(1 for b in cached_blocks if b in self.evictable)
-        if need > self.num_free_blocks - reusable:
-            return False
+        if need > 0:  # the common decode step needs no new block: skip the count
+            reusable = sum(1 for b in cached_blocks if b in self.evictable)
+            if need > self.num_free_blocks - reusable:
+                return False
         for block_id in cached_blocks:
             if self.ref_counts[block_id] == 0:
                 del self.evictable[block_id]

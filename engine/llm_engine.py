@@ -46,6 +46,7 @@ class LLMEngine:
             from engine.demo import demo_model_dir
             config.model = demo_model_dir()
         t0 = time.perf_counter()
+        self.stage_times: dict[str, float] = {}  # start-up stage -> seconds, logged by `cupyllm serve`
         self.config = config
         path = resolve_model_path(config.model)
         self.model_config = ModelConfig.from_pretrained(path)
@@ -60,8 +61,11 @@ class LLMEngine:
         self.max_model_len = sc.max_model_len
         dtype = mc.torch_dtype if config.dtype == "auto" else config.dtype
         self.backend = get_backend(config.device, dtype)
+        self.stage_times["config and tokenizer"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
         with CheckpointWeights(path) as weights:
             self.runner = ModelRunner(mc, config, self.backend, weights)
+        self.stage_times["weights and KV cache"] = time.perf_counter() - t1
         num_blocks = self.runner.num_blocks
         if num_blocks * config.cache.block_size < self.max_model_len:
             raise ConfigError(f"the KV cache holds {num_blocks} blocks ({num_blocks * config.cache.block_size} "
@@ -72,8 +76,9 @@ class LLMEngine:
         self.eos_token_ids = frozenset(mc.eos_token_ids) | self.tokenizer.eos_token_ids
         self.requests: dict[str, Request] = {}
         self._rng = np.random.default_rng(config.seed)
-        logger.info("engine ready in %.2f s: %s on %s, %d KV blocks, max_model_len %d", time.perf_counter() - t0,
-                    mc.architecture, self.backend.name, num_blocks, self.max_model_len)
+        logger.info("engine ready in %.2f s: %s on %s, %d KV blocks (%d tokens), max_model_len %d",
+                    time.perf_counter() - t0, mc.architecture, self.backend.name, num_blocks,
+                    num_blocks * config.cache.block_size, self.max_model_len)
 
     # requests
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
@@ -146,7 +151,8 @@ class LLMEngine:
             seq.first_token_time = time.monotonic()
         if seq.logprobs is not None:
             n = seq.params.logprobs
-            top = [(int(i), float(v)) for i, v in zip(sampled.top_ids[row, :n], sampled.top_logprobs[row, :n])]
+            top = [] if n == 0 else [(int(i), float(v)) for i, v in
+                                     zip(sampled.top_ids[row, :n], sampled.top_logprobs[row, :n])]
             seq.logprobs.append((token, float(sampled.logprobs[row]), top))
         p = seq.params
         state = self.requests[seq.request_id].states[seq.index]
@@ -169,7 +175,8 @@ class LLMEngine:
         seq.stop_reason = stop_reason
 
     def _request_output(self, req: Request) -> RequestOutput:
-        outputs = [state.delta(seq) for seq, state in zip(req.seqs, req.states)]
+        # A choice appears until its finish has been reported once (n > 1 siblings finish apart).
+        outputs = [d for d in (state.delta(seq) for seq, state in zip(req.seqs, req.states)) if d is not None]
         finished = req.finished
         if finished:
             del self.requests[req.request_id]

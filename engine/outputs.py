@@ -26,7 +26,7 @@ class CompletionOutput:
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
+    outputs: list[CompletionOutput]  # the choices with news: a finished choice appears once more, no later
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
@@ -54,7 +54,8 @@ class SequenceOutputState:
     """Incremental text of one sequence, with stop-string detection that works across token
     boundaries: text that could still turn into a stop string is held back until it cannot."""
 
-    __slots__ = ("detok", "text", "sent_chars", "sent_tokens", "sent_logprobs", "hold_back", "stops")
+    __slots__ = ("detok", "text", "sent_chars", "sent_tokens", "sent_logprobs", "hold_back", "stops",
+                 "finish_sent")
 
     def __init__(self, tokenizer: Tokenizer, seq: Sequence):
         p = seq.params
@@ -64,6 +65,7 @@ class SequenceOutputState:
         self.hold_back = max((len(s) for s in self.stops), default=1) - 1
         self.text = ""
         self.sent_chars = self.sent_tokens = self.sent_logprobs = 0
+        self.finish_sent = False
 
     def append(self, seq: Sequence, token_id: int, check_stops: bool) -> str | None:
         """Add the text of a new token; returns the stop string it completed, if any."""
@@ -85,7 +87,11 @@ class SequenceOutputState:
     def flush(self) -> None:
         self.text += self.detok.flush()
 
-    def delta(self, seq: Sequence) -> CompletionOutput:
+    def delta(self, seq: Sequence) -> CompletionOutput | None:
+        """What is new since the last delta; None once the finish has been reported."""
+        if self.finish_sent:
+            return None
+        self.finish_sent = seq.is_finished
         upto = len(self.text) if seq.is_finished else max(self.sent_chars, len(self.text) - self.hold_back)
         text = self.text[self.sent_chars:upto]
         self.sent_chars = upto

@@ -5,6 +5,7 @@ Everything is checked in __post_init__; a bad value raises ValueError naming the
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 # Below this temperature a request is greedy (vLLM's _SAMPLING_EPS). vLLM also raises temperatures in
@@ -18,11 +19,12 @@ _MAX_SEED = 2**64  # seeds key a 64-bit counter-based generator; negatives wrap 
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    # numbers.Integral takes numpy integers too; bool is an int to Python but never a count or an id
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _number(name: str, value, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> float:
@@ -44,7 +46,7 @@ def _token_ids(name: str, values) -> tuple[int, ...]:
     for token_id in ids:
         if not _is_int(token_id) or token_id < 0:
             raise ValueError(f"{name} must contain only integers >= 0, got {token_id!r}")
-    return ids
+    return tuple(int(token_id) for token_id in ids)
 
 
 @dataclass(slots=True)
@@ -72,6 +74,7 @@ class SamplingParams:
     def __post_init__(self):
         if not _is_int(self.n) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
+        self.n = int(self.n)
         self.presence_penalty = _number("presence_penalty", self.presence_penalty, -2.0, 2.0)
         self.frequency_penalty = _number("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         self.repetition_penalty = _number("repetition_penalty", self.repetition_penalty, 0.0, math.inf,
@@ -80,13 +83,15 @@ class SamplingParams:
         self.top_p = _number("top_p", self.top_p, 0.0, 1.0, lo_open=True)
         if not _is_int(self.top_k) or self.top_k < -1:
             raise ValueError(f"top_k must be an integer >= -1 (0 or -1 = off), got {self.top_k!r}")
-        self.top_k = max(self.top_k, 0)
+        self.top_k = max(int(self.top_k), 0)
         self.min_p = _number("min_p", self.min_p, 0.0, 1.0)
         self._check_seed()
         self._check_stops()
         self._check_lengths()
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+        if self.logprobs is not None:
+            if not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+            self.logprobs = int(self.logprobs)
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
                      "spaces_between_special_tokens"):
             if not isinstance(getattr(self, name), bool):
@@ -96,10 +101,11 @@ class SamplingParams:
             raise ValueError(f"n must be 1 when using greedy sampling (temperature 0), got {self.n}")
 
     def _check_seed(self):
-        if self.seed == -1:  # vLLM and OpenAI clients send -1 for "no seed"
-            self.seed = None
-        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < _MAX_SEED):
+        if self.seed is None:
+            return
+        if not _is_int(self.seed) or not -(2**63) <= self.seed < _MAX_SEED:
             raise ValueError(f"seed must be an integer in [-2**63, 2**64) or None, got {self.seed!r}")
+        self.seed = None if self.seed == -1 else int(self.seed)  # vLLM and OpenAI clients send -1 for none
 
     def _check_stops(self):
         stop = self.stop
@@ -125,6 +131,8 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be an integer >= 1 or None, got {self.max_tokens!r}")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        self.max_tokens = None if self.max_tokens is None else int(self.max_tokens)
+        self.min_tokens = int(self.min_tokens)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
 
@@ -137,7 +145,7 @@ class SamplingParams:
             if not _is_int(token_id) or token_id < 0:
                 raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token_id!r}")
             _number(f"logit_bias[{token_id}]", bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
-        self.logit_bias = {token_id: float(bias) for token_id, bias in self.logit_bias.items()}
+        self.logit_bias = {int(token_id): float(bias) for token_id, bias in self.logit_bias.items()}
 
     @property
     def greedy(self) -> bool:

@@ -19,38 +19,56 @@ import numpy as np
 # (numpy bumps the counter before each block, hence the +1), so whole rows come from numpy's C generator and
 # a few candidates from the vectorized copy below. 1 - R would lose the small R that make E small, hence log1p;
 # the clamp keeps E finite, so a banned token (exp(s) = 0) never ties the best one.
-_M0, _M1 = np.uint64(0xD2E7470EE14C6C93), np.uint64(0xCA5A826395121157)
-_W0, _W1 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBB67AE8584CAA73B)
+_MASK64 = 2**64 - 1
 _LO32, _U32 = np.uint64(0xFFFFFFFF), np.uint64(32)
-# Below V / _SUBSET_RATIO kept tokens a row draws only their words with the numpy Philox (~30x slower per
-# word than numpy's C generator, which must run over the whole row).
+_M = np.array([[0xD2E7470EE14C6C93], [0xCA5A826395121157]], np.uint64)  # multipliers M0, M1
+_W = np.array([[0x9E3779B97F4A7C15], [0xBB67AE8584CAA73B]], np.uint64)  # key increments W0, W1
+_M_LO, _M_HI = _M & _LO32, _M >> _U32
+# Below V / _SUBSET_RATIO kept tokens a row draws only their words with the numpy Philox (~200 ns a word,
+# ~100x numpy's C generator, which must run over the whole row but costs ~0.75 ms a 152K row all told).
 _SUBSET_RATIO = 32
-
-
-def _mulhilo(a: np.ndarray, m: np.uint64) -> tuple[np.ndarray, np.ndarray]:
-    """High and low 64 bits of a * m, from 32-bit limbs: numpy has no 128-bit product."""
-    al, ah = a & _LO32, a >> _U32
-    ml, mh = m & _LO32, m >> _U32
-    t = al * ml
-    u = ah * ml + (t >> _U32)
-    v = al * mh + (u & _LO32)
-    return ah * mh + (u >> _U32) + (v >> _U32), a * m
+# Top-k, top-p and top-N look first at group maxima: group g of a row is {g + i * (V // _GROUPS)}, and the
+# k-th largest group max bounds the k-th largest logit from below, so a sort of ~k * _GROUPS values replaces
+# a partition of the whole row (numpy's argpartition costs ~0.5 ms per 152K row).
+_GROUPS = 64
 
 
 def philox4x64(c0, c1, c2, c3, k0, k1) -> tuple[np.ndarray, ...]:
-    """Philox4x64-10 (Random123) on uint64 arrays of one shape; array arithmetic wraps modulo 2**64."""
+    """Philox4x64-10 (Random123) on uint64 arrays of one shape; array arithmetic wraps modulo 2**64.
+
+    The two multiply lanes run stacked, (c0, c2) against (M0, M1), halving numpy calls; the 64x64 -> 128-bit
+    product is built from 32-bit limbs, numpy having no 128-bit integers.
+    """
+    shape = np.shape(c0)
+    a, b, key = (np.stack([np.ravel(x), np.ravel(y)]) for x, y in ((c0, c2), (c1, c3), (k0, k1)))
     for _ in range(10):
-        hi0, lo0 = _mulhilo(c0, _M0)
-        hi1, lo1 = _mulhilo(c2, _M1)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0, k1 = k0 + _W0, k1 + _W1
-    return c0, c1, c2, c3
+        al, ah = a & _LO32, a >> _U32
+        t = al * _M_LO
+        u = ah * _M_LO + (t >> _U32)
+        v = al * _M_HI + (u & _LO32)
+        hi = ah * _M_HI + (u >> _U32) + (v >> _U32)
+        a, b = hi[::-1] ^ b ^ key, (a * _M)[::-1]  # (hi1 ^ c1 ^ k0, hi0 ^ c3 ^ k1), (lo1, lo0)
+        key = key + _W
+    return a[0].reshape(shape), b[0].reshape(shape), a[1].reshape(shape), b[1].reshape(shape)
+
+
+def _philox_word(seed: int, step: int, j: int) -> int:
+    """One word in plain Python ints: the stream's definition, and faster than numpy for a handful."""
+    c0, c1, c2, c3, k0, k1 = j // 8 + 1, step, 0, 0, seed, 0
+    for _ in range(10):
+        p0, p1 = 0xD2E7470EE14C6C93 * c0, 0xCA5A826395121157 * c2
+        c0, c1, c2, c3 = (p1 >> 64) ^ c1 ^ k0, p1 & _MASK64, (p0 >> 64) ^ c3 ^ k1, p0 & _MASK64
+        k0, k1 = (k0 + 0x9E3779B97F4A7C15) & _MASK64, (k1 + 0xBB67AE8584CAA73B) & _MASK64
+    return ((c0, c1, c2, c3)[j // 2 % 4] >> (32 * (j % 2))) & 0xFFFFFFFF
 
 
 def philox_words(seeds, steps, token_ids) -> np.ndarray:
     """uint32 word w of the stream above for each (seed, step, vocab index); arguments broadcast."""
     seeds, steps, token_ids = (np.asarray(a).astype(np.uint64) for a in (seeds, steps, token_ids))
     seeds, steps, token_ids = np.broadcast_arrays(seeds, steps, token_ids)
+    if token_ids.size <= 16:  # numpy's ~120 us of per-call overhead outweighs ~4 us per word in Python
+        words = map(_philox_word, seeds.ravel().tolist(), steps.ravel().tolist(), token_ids.ravel().tolist())
+        return np.fromiter(words, np.uint32, token_ids.size).reshape(token_ids.shape)
     zero = np.zeros(token_ids.shape, np.uint64)
     out = philox4x64((token_ids >> np.uint64(3)) + np.uint64(1), steps, zero, zero, seeds, zero)
     word = np.choose(((token_ids >> np.uint64(1)) & np.uint64(3)).astype(np.intp), out)
@@ -281,9 +299,11 @@ def _raw_logprobs(logits: np.ndarray, num: int) -> tuple:
     log_norm = peak.astype(np.float64) + np.log(shifted.sum(axis=1).astype(np.float64))
     if num == 0:
         return log_norm, None, None
-    num = min(num, logits.shape[1])
-    top = np.argpartition(logits, logits.shape[1] - num, axis=1)[:, -num:]
-    top = np.take_along_axis(top, np.argsort(-np.take_along_axis(logits, top, axis=1), axis=1), axis=1)
+    group_max = _group_max(logits)
+    candidates = _group_candidates(group_max, _kth_largest(group_max, np.full(len(logits), num)),
+                                   logits.shape[1])
+    values = np.take_along_axis(logits, candidates, axis=1)
+    top = np.take_along_axis(candidates, np.argsort(-values, axis=1)[:, :num], axis=1)
     top_logprobs = np.take_along_axis(logits, top, axis=1) - log_norm[:, None]
     return log_norm, top.astype(np.int32), top_logprobs.astype(np.float32)
 
@@ -316,21 +336,21 @@ def _sample_rows(x, temperature, top_k, top_p, min_p, seeds, steps) -> np.ndarra
     peak = x.max(axis=1)
     top_k = np.where(top_k < vocab_size, top_k, 0).astype(np.int64)
     log_min_p = np.log(np.where(min_p > 0, min_p, 1)).astype(np.float32)
-    log_min_p[min_p <= 0] = -np.inf
-    tau = log_min_p.copy()  # min-p: p_j >= min_p * p_max  <=>  s_j >= log(min_p)
+    log_min_p[min_p <= 0] = -np.inf  # min-p: p_j >= min_p * p_max  <=>  s_j >= log(min_p)
+    tau = log_min_p.copy()
     token_ids = np.empty(rows, np.int64)
     dense = np.ones(rows, bool)
     cut = np.flatnonzero((top_k > 0) | (top_p < 1) | (min_p > 0))
-    if len(cut):
-        cand_ids, cand_s, cut_tau, complete = _cut(x[cut] if len(cut) < rows else x, peak[cut],
-                                                   temperature[cut], top_k[cut], top_p[cut], log_min_p[cut])
-        tau[cut] = cut_tau
-        keep = cand_s >= cut_tau[:, None]
+    for part, ids, cand_s, part_tau, complete in _cut(x, cut, peak[cut], temperature[cut], top_k[cut],
+                                                      top_p[cut], log_min_p[cut]):
+        r = cut[part]
+        tau[r] = part_tau
+        keep = cand_s >= part_tau[:, None]
         small = complete & (keep.sum(axis=1) * _SUBSET_RATIO < vocab_size)
         if small.any():
-            token_ids[cut[small]] = _race_subset(cand_ids[small], cand_s[small], keep[small],
-                                                 seeds[cut[small]], steps[cut[small]])
-            dense[cut[small]] = False
+            token_ids[r[small]] = _race_subset(ids[small], cand_s[small], keep[small], seeds[r[small]],
+                                               steps[r[small]])
+            dense[r[small]] = False
     for i in np.flatnonzero(dense):  # one row at a time keeps the [V] temporaries in cache
         s = _scaled(x[i:i + 1], peak[i:i + 1], temperature[i:i + 1])[0]
         score = np.exp(s)
@@ -349,54 +369,104 @@ def _race_subset(cand_ids, cand_s, keep, seeds, steps) -> np.ndarray:
     return cand_ids[np.arange(len(keep)), score.argmin(axis=1)]
 
 
-def _cut(x, peak, temperature, top_k, top_p, log_min_p) -> tuple:
-    """Thresholds tau [S] of rows with top-k, top-p or min-p, from their best M tokens sorted by logit.
+def _group_max(x: np.ndarray) -> np.ndarray:
+    """[R, V // _GROUPS] maxima of the strided groups (strided so numpy reduces whole rows at a time)."""
+    width = x.shape[1] // _GROUPS
+    return x[:, :width * _GROUPS].reshape(len(x), _GROUPS, width).max(axis=1)
+
+
+def _kth_largest(values: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """The k[r]-th largest of each row of values; -inf where k exceeds the row."""
+    cols = values.shape[1]
+    ranked = np.sort(values, axis=1)
+    kth = ranked[np.arange(len(values)), np.clip(cols - k, 0, max(cols - 1, 0))] if cols else np.zeros(len(k))
+    return np.where(k <= cols, kth, -np.inf).astype(values.dtype)
+
+
+def _group_candidates(group_max: np.ndarray, bound: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Ids [R, M] of every token in a group whose max is >= bound[r], and of the tail past the last group.
+
+    Any token >= bound is among them. Rows that need fewer groups than the neediest get extra ones.
+    """
+    rows, width = group_max.shape
+    wanted = int((group_max >= bound[:, None]).sum(axis=1).max(initial=0))
+    if wanted == width:
+        return np.broadcast_to(np.arange(vocab_size), (rows, vocab_size))
+    groups = np.argpartition(group_max, width - wanted, axis=1)[:, width - wanted:] if wanted else \
+        np.empty((rows, 0), np.intp)  # every token >= bound is in the tail
+    ids = (groups[:, :, None] + np.arange(_GROUPS) * width).reshape(rows, -1)
+    tail = np.broadcast_to(np.arange(width * _GROUPS, vocab_size), (rows, vocab_size - width * _GROUPS))
+    return np.concatenate([ids, tail], axis=1)
+
+
+def _top_p_bound(s: np.ndarray, group_max: np.ndarray, top_p: np.ndarray,
+                 log_min_p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Z and a lower bound on tau for rows without top-k; s: [P, V] and group_max: [P, V // 64], both <= 0.
+
+    Any c with mass(s >= c) >= top_p * Z bounds top-p's threshold from below. The group maxima are distinct
+    tokens, so their mass above c is a lower bound on mass(s >= c); with 1-nat buckets of -s (bucket b holds
+    s in (-(b + 1), -b]) the first b whose running mass reaches top_p * Z gives c = -(b + 1).
+    """
+    rows = len(s)
+    mass = np.exp(s).sum(axis=1, dtype=np.float64)
+    buckets = np.minimum(-group_max, 63).astype(np.int64)  # the last bucket also holds everything below -63
+    buckets += np.arange(rows)[:, None] * 64
+    hist = np.bincount(buckets.ravel(), weights=np.exp(group_max).ravel(), minlength=rows * 64)
+    first = np.count_nonzero(np.cumsum(hist.reshape(rows, 64), axis=1) < (top_p * mass)[:, None], axis=1)
+    edge = np.where((top_p < 1) & (first < 63), -(first + 1.0), -np.inf).astype(np.float32)
+    return mass, np.maximum(edge, log_min_p)
+
+
+def _cut(x, cut, peak, temperature, top_k, top_p, log_min_p) -> list[tuple]:
+    """Thresholds tau of the rows cut of x that use top-k, top-p or min-p, and their candidate tokens.
 
     A group of tied tokens is kept or dropped whole, so tau is a value and the kept set is {s >= tau}:
     top-k keeps s >= the k-th largest s; top-p, over the top-k set renormalized, keeps a value v while the
     mass of tokens with s > v is < top_p; min-p keeps s >= log(min_p); tau is the largest of the three.
-    Returns candidate ids and scaled logits [S, M] best first, tau, and whether {s >= tau} lies inside M.
+    Rows whose candidates span most of the vocab go in a second part, so they do not widen the others.
+    Returns per part: (positions in cut, candidate ids [n, M], their s, tau [n], {s >= tau} inside them [n]).
     """
-    rows, vocab_size = x.shape
-    need = np.where(top_k > 0, top_k + 1, vocab_size)  # k + 1 shows whether the k-th value ties past k
-    mass = np.zeros(rows)
-    bound = np.full(rows, np.inf, np.float32)  # unbounded rows: every token with s >= bound is among the M
+    if not len(cut):
+        return []
+    group_max = _scaled(_group_max(x)[cut], peak, temperature)
+    bound = _kth_largest(group_max, top_k)  # <= the k-th largest s; meaningless where top-k is off
+    mass = np.zeros(len(cut))
     unbounded = np.flatnonzero(top_k == 0)
     if len(unbounded):
-        # Every token with p < (1 - top_p) / V can go: together they weigh < 1 - top_p, so the top-p set is
-        # inside {s >= log((1 - top_p) * Z / V)}; min-p gives its own bound.
-        s = _scaled(x[unbounded], peak[unbounded], temperature[unbounded])
-        mass[unbounded] = np.exp(s).sum(axis=1, dtype=np.float64)
-        p = top_p[unbounded].astype(np.float64)
-        with np.errstate(divide="ignore"):
-            c = np.where(p < 1, np.log((1 - p) * mass[unbounded] / vocab_size), -np.inf).astype(np.float32)
-        bound[unbounded] = np.maximum(c, log_min_p[unbounded])
-        need[unbounded] = (s >= bound[unbounded, None]).sum(axis=1)
-    m = int(need.max())
-    if m < vocab_size:
-        ids = np.argpartition(x, vocab_size - m, axis=1)[:, vocab_size - m:]
-    else:
-        ids = np.broadcast_to(np.arange(vocab_size), x.shape)
-    xv = np.take_along_axis(x, ids, axis=1)
-    order = np.argsort(xv, axis=1)[:, ::-1]
-    ids = np.take_along_axis(ids, order, axis=1)
-    s_top = _scaled(np.take_along_axis(xv, order, axis=1), peak, temperature)  # [S, M], descending
-    row = np.arange(rows)
+        s = _scaled(x[cut[unbounded]], peak[unbounded], temperature[unbounded])
+        mass[unbounded], bound[unbounded] = _top_p_bound(s, group_max[unbounded], top_p[unbounded],
+                                                         log_min_p[unbounded])
+    wide = (group_max >= bound[:, None]).sum(axis=1) * 4 > group_max.shape[1]
+    parts = [part for part in (np.flatnonzero(~wide), np.flatnonzero(wide)) if len(part)]
+    return [(part, *_thresholds(x, cut[part], peak[part], temperature[part], top_k[part], top_p[part],
+                                log_min_p[part], group_max[part], bound[part], mass[part])) for part in parts]
+
+
+def _thresholds(x, rows, peak, temperature, top_k, top_p, log_min_p, group_max, bound, mass) -> tuple:
+    vocab_size = x.shape[1]
+    ids = _group_candidates(group_max, bound, vocab_size)
+    cand_x = x[rows] if ids.shape[1] == vocab_size else x[rows[:, None], ids]
+    cand_s = _scaled(cand_x, peak, temperature)
+    s_top = np.sort(cand_s, axis=1)[:, ::-1]  # [n, M] best first
+    m = s_top.shape[1]
+    row = np.arange(len(rows))
     in_k = np.where(top_k > 0, top_k, m)
-    weights = np.exp(s_top)
-    weights[np.arange(m)[None, :] >= in_k[:, None]] = 0
     kth = s_top[row, in_k - 1]
-    tie_rows = np.flatnonzero((top_k > 0) & (top_k < m) & (s_top[row, np.minimum(top_k, m - 1)] == kth))
-    extra = np.zeros(rows)
-    for i in tie_rows:  # the k-th value ties past k: count the whole group, it may run beyond M
-        s = _scaled(x[i:i + 1], peak[i:i + 1], temperature[i:i + 1])[0]
-        extra[i] = np.exp(kth[i]) * (np.count_nonzero(s >= kth[i]) - top_k[i])
-    mass = np.where(top_k > 0, weights.sum(axis=1, dtype=np.float64) + extra, mass)
-    before = np.cumsum(weights, axis=1, dtype=np.float64)  # mass strictly before each column
-    before = np.concatenate([np.zeros((rows, 1)), before[:, :-1]], axis=1)
-    kept_p = np.count_nonzero((before < (top_p.astype(np.float64) * mass)[:, None]) & (weights > 0), axis=1)
-    count = np.where(top_p < 1, np.minimum(np.maximum(kept_p, 1), in_k), in_k)
+    count = in_k
+    if (top_p < 1).any():
+        span = int(in_k.max())  # columns past every row's k cannot be kept
+        weights = np.exp(s_top[:, :span])
+        if (top_k > 0).any():
+            weights[np.arange(span)[None, :] >= in_k[:, None]] = 0
+            # Tokens tied with the k-th stay, so they weigh in top-p's renormalization; all are candidates.
+            tied_past_k = np.count_nonzero(cand_s >= kth[:, None], axis=1) - in_k
+            mass = np.where(top_k > 0, weights.sum(axis=1, dtype=np.float64) + np.exp(kth) * tied_past_k, mass)
+        # Column j is kept while the mass before it, cumsum[j - 1], is < top_p * mass; the zero weights
+        # (past k, or exp underflow) sit at the end and are never kept.
+        cumsum = np.cumsum(weights, axis=1, dtype=np.float64)
+        kept_p = 1 + np.count_nonzero(cumsum[:, :-1] < (top_p.astype(np.float64) * mass)[:, None], axis=1)
+        kept_p = np.minimum(kept_p, np.count_nonzero(weights, axis=1))
+        count = np.where(top_p < 1, np.minimum(kept_p, in_k), in_k)
     tau = np.where((top_k > 0) | (top_p < 1), s_top[row, count - 1], -np.inf)
     tau = np.maximum(tau, log_min_p)
-    complete = (m == vocab_size) | (tau > s_top[:, -1]) | (tau >= bound)
-    return ids, s_top, tau, complete
+    return ids, cand_s, tau, (m == vocab_size) | (tau >= bound)

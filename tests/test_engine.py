@@ -179,3 +179,31 @@ def test_config_fields_read_from_real_families(checkpoint):
     path, _ = checkpoint("qwen2_untied")
     assert ModelConfig.from_pretrained(path).attention_bias
     assert json.load(open(f"{path}/config.json"))["architectures"] == ["Qwen2ForCausalLM"]
+
+
+def test_logprobs_with_top_alternatives(engine):
+    out = _one(engine, PROMPT, temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
+    assert len(out.logprobs) == 6
+    for token, logprob, top in zip(out.token_ids, *zip(*[(lp, t) for _, lp, t in out.logprobs])):
+        assert len(top) == 3 and [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+        assert top[0] == (token, pytest.approx(logprob)), "greedy picks the most likely token"
+        assert logprob <= 0.0
+    none = _one(engine, PROMPT, temperature=0.0, max_tokens=2, ignore_eos=True)
+    assert none.logprobs is None
+
+
+def test_each_choice_reports_its_finish_exactly_once():
+    engine = _fresh()
+    params = dict(n=3, temperature=1.0, seed=11, max_tokens=12, ignore_eos=True)
+    runs = engine.generate([PROMPT], SamplingParams(**params))[0].outputs
+    others = set(runs[1].token_ids) | set(runs[2].token_ids)
+    stop = next(t for t in runs[0].token_ids[:8] if t not in others)  # ends choice 0 early, only it
+    engine.add_request("r", PROMPT, SamplingParams(**params, stop_token_ids=[stop]))
+    seen = {0: [], 1: [], 2: []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            for o in out.outputs:
+                assert not any(r is not None for r in seen[o.index]), f"choice {o.index} after its finish"
+                seen[o.index].append(o.finish_reason)
+    assert seen[0][-1] == "stop" and len(seen[0]) < len(seen[1])
+    assert seen[1][-1] == seen[2][-1] == "length"
