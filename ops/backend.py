@@ -68,17 +68,11 @@ def get_backend(device: str = "auto", dtype: str = "float32"):
     """`device`: "auto" | "numpy" | "cuda"."""
     if device == "numpy":
         return NumpyBackend(dtype)
-    try:
-        from ops.cuda import CudaBackend  # built by the CUDA ops issue
-    except ImportError:
-        CudaBackend = None
-    if device == "cuda":
-        if CudaBackend is None or not cuda_available():
-            raise RuntimeError("device 'cuda' was asked for but no CUDA backend is usable here "
-                               "(needs CuPy from the [cuda12]/[cuda13] extra, a GPU, and ops/cuda.py); "
-                               "use --device numpy")
-        return CudaBackend(dtype)
-    if CudaBackend is not None and cuda_available():
-        return CudaBackend(dtype)
-    logger.info("no usable GPU: running on the numpy backend (float32, for tiny models)")
-    return NumpyBackend(dtype)
+    if device == "auto" and not cuda_available():
+        logger.info("no usable GPU: running on the numpy backend (float32, for tiny models)")
+        return NumpyBackend(dtype)
+    if not cuda_available():
+        raise RuntimeError("device 'cuda' was asked for but CuPy sees no GPU here (CuPy comes with the "
+                           "[cuda12] / [cuda13] extra); use --device numpy")
+    from ops.cuda import CudaBackend  # only where CuPy and a GPU exist: its import errors are real errors
+    return CudaBackend("float16" if dtype == "float32" else dtype)

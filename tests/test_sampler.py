@@ -12,8 +12,8 @@ from scipy.stats import chi2_contingency, chisquare
 
 import ops.sampling as sampling
 from engine.sampling_params import SamplingParams
-from ops.sampling import (SamplingTensors, apply_logit_bias, apply_penalties, philox4x64, philox_row_words,
-                          philox_words, sample)
+from ops.philox import philox4x64, philox_row_words, philox_words
+from ops.sampling import SamplingTensors, apply_logit_bias, apply_penalties, sample
 
 
 @pytest.fixture
@@ -101,6 +101,15 @@ def test_quantized_logits_draws_stay_in_the_kept_set(rng):
         probs = reference_probs(logits, **params)
         tokens = draw_many(logits, SamplingParams(**params), rng, 400)
         assert probs[tokens].min() > 0, f"{params}: drew outside {np.flatnonzero(probs)}"
+
+
+def test_kept_set_can_lie_entirely_past_the_last_full_group(rng):
+    # 100 tokens = one group of 64 plus a 36-token tail; here only tail tokens survive min-p.
+    logits = rng.normal(0, 1, 100).astype(np.float32)
+    logits[[70, 99]] = [9.0, 8.5]
+    probs = reference_probs(logits, 1.0, min_p=0.3)
+    assert set(np.flatnonzero(probs)) == {70, 99}
+    assert_follows(draw_many(logits, SamplingParams(min_p=0.3), rng, 2000), probs)
 
 
 def test_candidate_and_whole_row_paths_draw_the_same_tokens(rng, monkeypatch):
