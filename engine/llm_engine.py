@@ -59,7 +59,8 @@ class LLMEngine:
             raise ConfigError(f"max_model_len {config.max_model_len} is larger than the model's "
                               f"max_position_embeddings ({mc.max_position_embeddings})")
         self.max_model_len = sc.max_model_len
-        dtype = mc.torch_dtype if config.dtype == "auto" else config.dtype
+        # vLLM's "auto": the checkpoint's dtype, but float16 for float32 checkpoints
+        dtype = config.dtype if config.dtype != "auto" else {"float32": "float16"}.get(mc.torch_dtype, mc.torch_dtype)
         self.backend = get_backend(config.device, dtype)
         self.stage_times["config and tokenizer"] = time.perf_counter() - t0
         t1 = time.perf_counter()

@@ -75,4 +75,4 @@ def get_backend(device: str = "auto", dtype: str = "float32"):
         raise RuntimeError("device 'cuda' was asked for but CuPy sees no GPU here (CuPy comes with the "
                            "[cuda12] / [cuda13] extra); use --device numpy")
     from ops.cuda import CudaBackend  # only where CuPy and a GPU exist: its import errors are real errors
-    return CudaBackend("float16" if dtype == "float32" else dtype)
+    return CudaBackend(dtype)
