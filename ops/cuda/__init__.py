@@ -1,0 +1,93 @@
+"""The CUDA backend: the ops of ops/reference.py on the GPU, with the same argument lists.
+
+Activations, weights and the KV cache are float16 or bfloat16 (bfloat16 arrays are uint16 bit
+patterns: CuPy has no bfloat16 dtype); every op writes into a caller-provided `out` on the current
+CuPy stream and never synchronises with the host, so a decode step can be captured in a graph.
+"""
+from __future__ import annotations
+
+import cupy as cp
+import numpy as np
+
+from ops import reference  # noqa: F401  (the oracle; kept importable beside the backend)
+from ops.cuda import attention as _attention
+from ops.cuda import basic as _basic
+from ops.cuda import sampling as _sampling
+from ops.cuda.linear import Linear
+
+_STORAGE = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16), "float32": np.dtype(np.float32)}
+
+
+class CudaBackend:
+    name = "cuda"
+    xp = cp
+
+    def __init__(self, dtype: str = "float16"):
+        if dtype not in ("float16", "bfloat16"):
+            raise ValueError(f"the CUDA backend runs float16 or bfloat16, got {dtype!r}")
+        self.dtype_name = dtype
+        self.dtype = _STORAGE[dtype]
+        self._linear = Linear()
+
+    # memory
+    def empty(self, shape, dtype=None):
+        return cp.empty(shape, dtype=dtype or self.dtype)
+
+    def zeros(self, shape, dtype=None):
+        return cp.zeros(shape, dtype=dtype or self.dtype)
+
+    def from_host(self, array: np.ndarray, dtype=None):
+        """Upload as is (int metadata, float32 tables); `dtype` converts on the host first."""
+        return cp.asarray(np.ascontiguousarray(array, dtype=dtype or array.dtype))
+
+    def weight(self, array: np.ndarray):
+        """A float32 host weight, rounded to the compute dtype and uploaded."""
+        return cp.asarray(to_storage(np.asarray(array, np.float32), self.dtype_name))
+
+    def to_host(self, array) -> np.ndarray:
+        return cp.asnumpy(array)
+
+    def synchronize(self) -> None:
+        cp.cuda.get_current_stream().synchronize()
+
+    # ops
+    def embedding(self, ids, table, out):
+        _basic.embedding(ids, table, out)
+
+    def rms_norm(self, x, weight, eps, out):
+        _basic.rms_norm(x, weight, eps, out)
+
+    def add_rms_norm(self, x, residual, weight, eps, out):
+        _basic.add_rms_norm(x, residual, weight, eps, out)
+
+    def linear(self, x, weight, bias, out):
+        self._linear(x, weight, bias, out)
+
+    def silu_and_mul(self, x, out):
+        _basic.silu_and_mul(x, out)
+
+    def rope_and_cache(self, qkv, positions, slot_mapping, k_cache, v_cache, cos_sin,
+                       q_norm=None, k_norm=None, eps=1e-6):
+        _basic.rope_and_cache(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin, q_norm, k_norm, eps)
+
+    def attention(self, qkv, k_cache, v_cache, meta, scale, out):
+        _attention.attention(qkv, k_cache, v_cache, meta, scale, out)
+
+    def sample(self, logits, sampling_tensors):
+        return _sampling.sample(logits, sampling_tensors)
+
+
+def to_storage(array: np.ndarray, dtype_name: str) -> np.ndarray:
+    """float32 host array -> the host storage of `dtype_name` (bfloat16 as uint16 bits, rounded to nearest even)."""
+    if dtype_name == "bfloat16":
+        from engine.safetensors import float32_to_bf16_bits
+        return float32_to_bf16_bits(array)
+    return array.astype(_STORAGE[dtype_name])
+
+
+def to_float32(array) -> np.ndarray:
+    """Device array in storage dtype -> float32 host array (tests compare against the numpy oracle)."""
+    host = cp.asnumpy(array)
+    if host.dtype == np.uint16:
+        return (host.astype(np.uint32) << 16).view(np.float32)
+    return host.astype(np.float32)
