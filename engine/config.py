@@ -194,6 +194,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     generation_config: str = "auto"  # "auto": read generation_config.json; "vllm": ignore it
     chat_template: str | None = None
+    load_format: str = "auto"  # "auto": safetensors from the model dir; "dummy": seeded random weights
+    gpu_memory_utilization: float = 0.9  # share of the GPU's memory for weights + activations + KV cache
+    enforce_eager: bool = False  # never replay CUDA graphs
+    skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks on config-only dirs)
     cache: CacheConfig = field(init=False)
     scheduler: SchedulerConfig = field(init=False)
 
@@ -202,5 +206,9 @@ class EngineConfig:
             raise ConfigError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.device not in ("auto", "numpy", "cuda"):
             raise ConfigError(f"device must be auto, numpy or cuda; got {self.device!r}")
+        if self.load_format not in ("auto", "safetensors", "dummy"):
+            raise ConfigError(f"load_format must be auto, safetensors or dummy; got {self.load_format!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         self.cache = CacheConfig(num_blocks=self.num_kv_blocks, enable_prefix_caching=self.enable_prefix_caching)
         self.scheduler = SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len or 4096)

@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import re
+import zlib
 
 import numpy as np
 
@@ -258,3 +259,35 @@ def _shard_paths(model_dir: str, index_map: dict[str, str]) -> list[str]:
             f"{os.path.join(model_dir, INDEX_FILE)} names {len(missing)} shard(s) that are missing "
             f"(an incomplete download?):\n{listed}")
     return [os.path.join(model_dir, s) for s in shards]
+
+
+class DummyWeights:
+    """vLLM's `--load-format dummy`: every tensor the model reads drawn from a seeded normal, no files.
+
+    The backend generates each tensor where it lives (on the GPU for the CUDA backend), from
+    `spec(name)`; norms are centred on 1 so activations keep a sane scale through the layers.
+    """
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def __enter__(self) -> "DummyWeights":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def check(self, expected: dict[str, tuple[int, ...]]) -> None:
+        self.shapes = dict(expected)
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], int, float, float]:
+        """(shape, seed, mean, std) of tensor `name`."""
+        seed = (self.seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+        if name.endswith("norm.weight"):
+            return self.shapes[name], seed, 1.0, 0.05
+        return self.shapes[name], seed, 0.0, 0.02
+
+    def get(self, name: str) -> np.ndarray:
+        shape, seed, mean, std = self.spec(name)
+        return np.random.default_rng(seed).normal(mean, std, shape).astype(np.float32)

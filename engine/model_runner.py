@@ -5,6 +5,7 @@ It owns the KV cache and is the only engine module that touches device arrays.
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 
@@ -23,21 +24,38 @@ class ModelRunner:
         self.backend = backend
         self.block_size = engine_config.cache.block_size
         self.max_model_len = engine_config.scheduler.max_model_len
+        self.stage_times: dict[str, float] = {}
+        t0 = time.perf_counter()
         weights.check(expected_shapes(model_config))
         self.model = LlamaModel(model_config, backend, self.max_model_len)
-        self.model.load_weights(weights.get)
-        self.num_blocks = engine_config.cache.num_blocks or self._default_num_blocks(engine_config)
+        self.model.load_weights(_fetcher(weights, backend))
+        backend.synchronize()
+        self.stage_times["weights"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.num_blocks = engine_config.cache.num_blocks or self._auto_num_blocks(engine_config)
         c = model_config
         # One allocation for all layers: [layers, k/v, blocks, Hkv, block_size, D].
         self.kv_cache = backend.zeros((c.num_hidden_layers, 2, self.num_blocks, c.num_key_value_heads,
                                        self.block_size, c.head_dim))
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(c.num_hidden_layers)]
+        self.stage_times["KV cache"] = time.perf_counter() - t0
         self.num_computed_tokens_total = 0  # tokens run through the model: tests check prefix hits skip work
+        self.graphs = None
+        if backend.name == "cuda" and not engine_config.enforce_eager:
+            from graphs.manager import DecodeGraphs
+            backend.prepare_decode(model_config, engine_config.scheduler.max_num_seqs, self.max_model_len)
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, engine_config.scheduler.max_num_seqs,
+                                       self.max_model_len, self.block_size)
+            self.graphs.capture()
+            self.stage_times["graph capture"] = self.graphs.capture_seconds
 
-    def _default_num_blocks(self, cfg: EngineConfig) -> int:
-        # On the CPU there is no memory profile to run: room for every sequence at full length.
-        s = cfg.scheduler
-        return min(s.max_num_seqs, 64) * -(-s.max_model_len // self.block_size)
+    def _auto_num_blocks(self, cfg: EngineConfig) -> int:
+        if self.backend.name != "cuda":
+            # On the CPU there is no memory to measure: room for up to 64 sequences at full length.
+            s = cfg.scheduler
+            return min(s.max_num_seqs, 64) * -(-s.max_model_len // self.block_size)
+        from engine.memory import kv_blocks_from_memory
+        return kv_blocks_from_memory(self, cfg)
 
     def prepare(self, sched: SchedulerOutput):
         """Host arrays of one step: ids, positions and the attention metadata."""
@@ -65,18 +83,31 @@ class ModelRunner:
                                  max_query_len=int(lens.max()), max_seq_len=int(seq_lens.max()))
         return input_ids, positions, meta
 
+    def upload(self, input_ids, positions, meta: AttentionMetadata):
+        """The step's host arrays as backend arrays (one small copy each)."""
+        up = self.backend.from_host
+        dev_meta = AttentionMetadata(up(meta.query_start_loc), up(meta.seq_lens), up(meta.block_tables),
+                                     up(meta.slot_mapping), meta.max_query_len, meta.max_seq_len)
+        return up(input_ids), up(positions), dev_meta
+
     def execute(self, sched: SchedulerOutput, sampling: SamplingTensors | None) -> SamplerOutput | None:
         """Run one step. Returns sampled tokens for the sequences whose `samples` is true, in order."""
         b = self.backend
         input_ids, positions, meta = self.prepare(sched)
         self.num_computed_tokens_total += len(input_ids)
-        to_device = lambda a: b.from_host(a)  # noqa: E731
-        dev_meta = AttentionMetadata(*(to_device(getattr(meta, f)) for f in
-                                       ("query_start_loc", "seq_lens", "block_tables", "slot_mapping")),
-                                     meta.max_query_len, meta.max_seq_len)
-        hidden = self.model.forward(to_device(input_ids), to_device(positions), dev_meta, self.kv_caches)
+        if self.graphs is not None and meta.max_query_len == 1 and len(input_ids) <= self.graphs.max_size:
+            return b.sample(self.graphs.run(input_ids, positions, meta), sampling)  # every decode row samples
+        hidden = self.model.forward(*self.upload(input_ids, positions, meta), self.kv_caches)
         rows = [int(meta.query_start_loc[i + 1]) - 1 for i, s in enumerate(sched.scheduled) if s.samples]
         if not rows:
             return None
-        logits = self.model.compute_logits(hidden[to_device(np.asarray(rows, np.int32))])
+        logits = self.model.compute_logits(hidden[b.from_host(np.asarray(rows, np.int32))])
         return b.sample(logits, sampling)
+
+
+def _fetcher(weights, backend):
+    """name -> backend array: generated on the backend for dummy weights, else read and uploaded."""
+    from engine.loader import DummyWeights
+    if isinstance(weights, DummyWeights):
+        return lambda name: backend.random_weight(*weights.spec(name))
+    return lambda name: backend.weight(weights.get(name))

@@ -59,8 +59,9 @@ class SequenceOutputState:
 
     def __init__(self, tokenizer: Tokenizer, seq: Sequence):
         p = seq.params
-        self.detok = IncrementalDetokenizer(tokenizer, seq.prompt_token_ids, p.skip_special_tokens,
-                                            p.spaces_between_special_tokens)
+        # No tokenizer (skip_tokenizer_init): token ids only, the text stays empty.
+        self.detok = None if tokenizer is None else IncrementalDetokenizer(
+            tokenizer, seq.prompt_token_ids, p.skip_special_tokens, p.spaces_between_special_tokens)
         self.stops = tuple(p.stop or ())
         self.hold_back = max((len(s) for s in self.stops), default=1) - 1
         self.text = ""
@@ -69,7 +70,7 @@ class SequenceOutputState:
 
     def append(self, seq: Sequence, token_id: int, check_stops: bool) -> str | None:
         """Add the text of a new token; returns the stop string it completed, if any."""
-        new = self.detok.add(token_id)
+        new = self.detok.add(token_id) if self.detok is not None else ""
         if not new:
             return None
         start = max(0, len(self.text) - self.hold_back)
@@ -85,7 +86,8 @@ class SequenceOutputState:
         return None
 
     def flush(self) -> None:
-        self.text += self.detok.flush()
+        if self.detok is not None:
+            self.text += self.detok.flush()
 
     def delta(self, seq: Sequence) -> CompletionOutput | None:
         """What is new since the last delta; None once the finish has been reported."""

@@ -23,6 +23,7 @@ class NumpyBackend:
     def __init__(self, dtype: str = "float32"):
         # The numpy backend always computes in float32; `dtype` is what the user asked for.
         self.requested_dtype = dtype
+        self.dtype_name = "float32"
         self.dtype = np.dtype(np.float32)
 
     # memory
@@ -38,6 +39,10 @@ class NumpyBackend:
     def weight(self, array: np.ndarray) -> np.ndarray:
         """A weight in the compute dtype, copied out of the checkpoint's memory map."""
         return np.array(array, dtype=self.dtype, order="C")
+
+    def random_weight(self, shape, seed: int, mean: float, std: float) -> np.ndarray:
+        """A dummy weight (--load-format dummy) drawn from a seeded normal."""
+        return np.random.default_rng(seed).normal(mean, std, shape).astype(self.dtype)
 
     def to_host(self, array) -> np.ndarray:
         return array

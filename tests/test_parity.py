@@ -24,7 +24,7 @@ def _all_logits(engine: LLMEngine, ids: list[int]) -> np.ndarray:
     seq.num_computed_tokens = len(ids)
     runner = engine.runner
     input_ids, positions, meta = runner.prepare(SchedulerOutput([ScheduledSeq(seq, 0, len(ids))]))
-    hidden = runner.model.forward(input_ids, positions, meta, runner.kv_caches)
+    hidden = runner.model.forward(*runner.upload(input_ids, positions, meta), runner.kv_caches)
     engine.block_manager.free(seq)
     return runner.model.compute_logits(hidden)
 

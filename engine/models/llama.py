@@ -8,8 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np  # host-side only: merging checkpoint tensors before upload
-
 from engine.config import ModelConfig
 from ops.metadata import AttentionMetadata
 from ops.reference import rope_cos_sin
@@ -64,34 +62,35 @@ class LlamaModel:
         self.backend = backend
         self.layers: list[LayerWeights] = []
         self.embed = self.final_norm = self.lm_head = None
+        # float32 on every backend: positions up to 128K need more than fp16's 11 bits of mantissa
         self.cos_sin = backend.from_host(
-            rope_cos_sin(config.head_dim, max_positions, config.rope_theta, config.rope_scaling), backend.dtype)
+            rope_cos_sin(config.head_dim, max_positions, config.rope_theta, config.rope_scaling))
         self.scale = config.head_dim ** -0.5
 
-    def load_weights(self, get: Callable[[str], Any]) -> None:
-        """`get(name)` returns a checkpoint tensor as a host array; merged weights are built here."""
-        b, c = self.backend, self.config
-        w = lambda name: b.weight(get(name))  # noqa: E731
-        self.embed = w("model.embed_tokens.weight")
-        self.final_norm = w("model.norm.weight")
-        self.lm_head = self.embed if c.tie_word_embeddings else w("lm_head.weight")
+    def load_weights(self, fetch: Callable[[str], Any]) -> None:
+        """`fetch(name)` returns checkpoint tensor `name` as a backend array in the compute dtype;
+        q/k/v and gate/up are merged here, on the backend."""
+        c, xp = self.config, self.backend.xp
+        self.embed = fetch("model.embed_tokens.weight")
+        self.final_norm = fetch("model.norm.weight")
+        self.lm_head = self.embed if c.tie_word_embeddings else fetch("lm_head.weight")
         self.layers = []
         for i in range(c.num_hidden_layers):
             p = f"model.layers.{i}."
-            merged = lambda *names: b.weight(np.concatenate([get(p + n) for n in names]))  # noqa: E731
+            merged = lambda *names: xp.concatenate([fetch(p + n) for n in names])  # noqa: E731
             self.layers.append(LayerWeights(
-                input_norm=w(p + "input_layernorm.weight"),
+                input_norm=fetch(p + "input_layernorm.weight"),
                 qkv=merged("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
                 qkv_bias=merged("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
                 if c.attention_bias else None,
-                o_proj=w(p + "self_attn.o_proj.weight"),
-                o_bias=w(p + "self_attn.o_proj.bias")
+                o_proj=fetch(p + "self_attn.o_proj.weight"),
+                o_bias=fetch(p + "self_attn.o_proj.bias")
                 if c.attention_bias and c.architecture != "Qwen2ForCausalLM" else None,
-                q_norm=w(p + "self_attn.q_norm.weight") if c.qk_norm else None,
-                k_norm=w(p + "self_attn.k_norm.weight") if c.qk_norm else None,
-                post_norm=w(p + "post_attention_layernorm.weight"),
+                q_norm=fetch(p + "self_attn.q_norm.weight") if c.qk_norm else None,
+                k_norm=fetch(p + "self_attn.k_norm.weight") if c.qk_norm else None,
+                post_norm=fetch(p + "post_attention_layernorm.weight"),
                 gate_up=merged("mlp.gate_proj.weight", "mlp.up_proj.weight"),
-                down=w(p + "mlp.down_proj.weight"),
+                down=fetch(p + "mlp.down_proj.weight"),
             ))
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> Any:

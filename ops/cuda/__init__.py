@@ -44,11 +44,50 @@ class CudaBackend:
         """A float32 host weight, rounded to the compute dtype and uploaded."""
         return cp.asarray(to_storage(np.asarray(array, np.float32), self.dtype_name))
 
+    def random_weight(self, shape, seed: int, mean: float, std: float):
+        """A dummy weight (--load-format dummy) generated on the GPU: 15 GB of 7B weights never touch the host."""
+        w = cp.random.default_rng(seed).standard_normal(shape, dtype=cp.float32)
+        w *= std
+        w += mean
+        if self.dtype_name == "bfloat16":
+            bits = w.view(cp.uint32)
+            return ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).astype(cp.uint16)  # round to nearest even
+        return w.astype(self.dtype)
+
     def to_host(self, array) -> np.ndarray:
         return cp.asnumpy(array)
 
     def synchronize(self) -> None:
         cp.cuda.get_current_stream().synchronize()
+
+    def device_name(self) -> str:
+        return cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode()
+
+    def memory_info(self) -> tuple[int, int]:
+        """(free, total) device bytes."""
+        return cp.cuda.runtime.memGetInfo()
+
+    def memory_used(self) -> int:
+        free, total = self.memory_info()
+        return total - free
+
+    def release_cached_memory(self) -> None:
+        cp.get_default_memory_pool().free_all_blocks()
+
+    def prepare_decode(self, config, max_num_seqs: int, max_model_len: int) -> None:
+        """Before graph capture: the split-KV workspace for every batch size, and GEMM algorithms
+        tuned (or read from the on-disk cache) for the decode shapes."""
+        from graphs.manager import capture_sizes
+        sizes = capture_sizes(max_num_seqs)
+        _attention.reserve_decode_workspace(sizes[-1], config.num_attention_heads, config.num_key_value_heads,
+                                            config.head_dim, max_model_len)
+        h, qkv = config.hidden_size, config.q_size + 2 * config.kv_size
+        shapes = []
+        for m in sizes:
+            shapes += [(m, qkv, h, config.attention_bias), (m, h, config.q_size, False),
+                       (m, 2 * config.intermediate_size, h, False), (m, h, config.intermediate_size, False),
+                       (m, config.vocab_size, h, False)]
+        self._linear.tune(shapes, self.dtype_name)
 
     # ops
     def embedding(self, ids, table, out):

@@ -1,0 +1,110 @@
+"""`cupyllm benchmark`: the direct engine (no HTTP) at several batch sizes, greedy, ignore_eos.
+
+tok/s = output tokens / wall time from the first request added to the last finished (prefill
+included); TTFT per request; median and p95 of the decode steps. One JSON line per N.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+HISTORY = Path(__file__).resolve().parent.parent / "perf" / "history.jsonl"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="", help="model directory or org/name (a config.json alone does with dummy)")
+    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    p.add_argument("--n", default="1,16,64,128", help="comma-separated numbers of concurrent requests")
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=512)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
+    p.add_argument("--device", default="auto", choices=["auto", "numpy", "cuda"])
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="append one JSON line per N to this file")
+    p.add_argument("--no-history", action="store_true", help="do not append to perf/history.jsonl")
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+
+    ns = sorted({int(x) for x in args.n.split(",")})
+    has_tokenizer = bool(args.model) and os.path.exists(os.path.join(args.model, "tokenizer.json"))
+    t0 = time.perf_counter()
+    engine = LLMEngine(EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, seed=args.seed, load_format=args.load_format,
+        max_num_seqs=max(ns), max_model_len=args.input_len + args.output_len + 16,
+        max_num_batched_tokens=max(8192, max(ns) * args.input_len), enforce_eager=args.enforce_eager,
+        skip_tokenizer_init=bool(args.model) and not has_tokenizer))
+    startup = time.perf_counter() - t0
+    print(f"engine ready in {startup:.2f} s ({engine.backend.name}); stages: "
+          + ", ".join(f"{k} {v:.2f} s" for k, v in engine.stage_times.items()))
+    rng = np.random.default_rng(args.seed)
+    vocab = engine.model_config.vocab_size
+    rows = []
+    for n in ns:
+        measure(engine, rng, vocab, n, args.input_len, 8)  # warm-up: same shapes, few tokens
+        r = measure(engine, rng, vocab, n, args.input_len, args.output_len)
+        r.update(n=n, input_len=args.input_len, output_len=args.output_len, startup_s=round(startup, 2))
+        rows.append(r)
+        print(f"N={n:<4} {r['tok_s']:>9.1f} tok/s  TTFT {r['ttft_ms']:>8.1f} ms  "
+              f"step p50 {r['step_ms_p50']:.2f} ms p95 {r['step_ms_p95']:.2f} ms")
+    print_table(rows)
+    record(rows, args, engine)
+    return 0
+
+
+def measure(engine, rng, vocab: int, n: int, input_len: int, output_len: int) -> dict:
+    from engine.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    start = time.perf_counter()
+    first_token: dict[str, float] = {}
+    for i in range(n):
+        engine.add_request(f"bench-{n}-{output_len}-{i}", rng.integers(0, vocab, input_len).tolist(), params)
+    steps, tokens = [], 0
+    while engine.has_unfinished_requests():
+        t = time.perf_counter()
+        outs = engine.step()
+        now = time.perf_counter()
+        for out in outs:
+            tokens += sum(len(o.token_ids) for o in out.outputs)
+            first_token.setdefault(out.request_id, now)
+        if len(first_token) == n:  # every request has its first token: from here, decode steps only
+            steps.append(now - t)
+    wall = time.perf_counter() - start
+    decode = np.array(steps[1:] or [0.0]) * 1e3  # the step that produced the last first token is a prefill
+    ttft = np.array(list(first_token.values())) - start
+    return dict(tok_s=round(tokens / wall, 1), output_tokens=tokens, wall_s=round(wall, 3),
+                ttft_ms=round(float(np.median(ttft)) * 1e3, 1), step_ms_p50=round(float(np.median(decode)), 3),
+                step_ms_p95=round(float(np.percentile(decode, 95)), 3))
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'N':>5} {'tok/s':>10} {'TTFT ms':>9} {'step p50 ms':>12} {'step p95 ms':>12}")
+    for r in rows:
+        print(f"{r['n']:>5} {r['tok_s']:>10.1f} {r['ttft_ms']:>9.1f} {r['step_ms_p50']:>12.2f} {r['step_ms_p95']:>12.2f}")
+
+
+def record(rows: list[dict], args: argparse.Namespace, engine) -> None:
+    card = engine.backend.device_name() if engine.backend.name == "cuda" else "cpu"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    base = dict(bench="engine_benchmark", date=datetime.date.today().isoformat(), commit=commit or None, card=card,
+                model=os.path.basename(os.path.normpath(args.model)) if args.model else "demo",
+                dtype=engine.backend.dtype_name,
+                command="cupyllm benchmark " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                                                       if k in ("model", "load_format", "n", "input_len",
+                                                                "output_len", "dtype") and v))
+    lines = [json.dumps({**base, **r}, sort_keys=True) + "\n" for r in rows]
+    targets = ([args.json] if args.json else []) + ([] if args.no_history else [str(HISTORY)])
+    for path in targets:
+        with open(path, "a") as f:
+            f.writelines(lines)
