@@ -40,22 +40,24 @@ def test_parse_chat_request(benchmark):
     assert req.stream and len(req.messages) == 4 and params.max_tokens == 256
 
 
-def test_completion_sse_chunk(benchmark):
-    build = R.CompletionChunks("cmpl-0123456789abcdef0123456789abcdef", 1760000000, "qwen")
-    chunk = benchmark(build.choice, 3, " morning")
-    assert orjson.loads(chunk[len(b"data: "):])["choices"][0]["text"] == " morning"
+def test_completion_sse_chunks_64_streams(benchmark):
+    # One decode step's worth: a one-token chunk for each of 64 streams.
+    builds = [R.CompletionChunks(f"cmpl-{i:032x}", 1760000000, "qwen") for i in range(64)]
+    chunks = benchmark(lambda: [b.choice(0, " morning") for b in builds])
+    assert orjson.loads(chunks[-1][len(b"data: "):])["choices"][0]["text"] == " morning"
 
 
-def test_chat_sse_chunk(benchmark):
-    build = R.ChatChunks("chatcmpl-0123456789abcdef0123456789abcdef", 1760000000, "qwen")
-    chunk = benchmark(build.choice, 0, " light")
-    assert orjson.loads(chunk[len(b"data: "):])["choices"][0]["delta"] == {"content": " light"}
+def test_chat_sse_chunks_64_streams(benchmark):
+    builds = [R.ChatChunks(f"chatcmpl-{i:032x}", 1760000000, "qwen") for i in range(64)]
+    chunks = benchmark(lambda: [b.choice(0, " light") for b in builds])
+    assert orjson.loads(chunks[-1][len(b"data: "):])["choices"][0]["delta"] == {"content": " light"}
 
 
-def test_completion_body_256_tokens(benchmark):
-    # A non-streamed answer: one body with the whole text and usage.
+def test_completion_bodies_16_answers_256_tokens(benchmark):
+    # Non-streamed answers: each one body with the whole text and usage.
     text = "The sea was the colour of slate. " * 32
-    body = benchmark(lambda: R.completion_body("cmpl-0", 1760000000, "qwen",
-                                               [R.completion_choice(0, text, None, "length", None)],
-                                               R.usage(500, 256)))
-    assert orjson.loads(body)["usage"]["total_tokens"] == 756
+
+    def bodies():
+        return [R.completion_body(f"cmpl-{i}", 1760000000, "qwen", [R.completion_choice(0, text, None, "length", None)],
+                                  R.usage(500, 256)) for i in range(16)]
+    assert orjson.loads(benchmark(bodies)[-1])["usage"]["total_tokens"] == 756
