@@ -15,6 +15,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from api import bench_serve, benchmark  # standard library and numpy only at import
+
 logger = logging.getLogger("cupyllm")
 
 DEMO_SERVED_NAME = "cupyllm-demo"
@@ -74,8 +76,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     p.add_argument("--max-request-body-bytes", type=_positive_int, default=32 * 1024 * 1024,
                    help="larger request bodies get a 413 (cupyllm's own flag)")
+    p.add_argument("--max-waiting-requests", type=_positive_int, default=4096,
+                   help="sequences that may wait for the batch; past it new requests get 503 with Retry-After "
+                        "(cupyllm's own flag)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to let running requests finish while new ones get 503")
+    p.add_argument("--log-prompts", "--enable-log-requests", action="store_true",
+                   help="log each request's prompt and sampling parameters (off: prompts never reach the log)")
     p.add_argument("--disable-log-requests", action="store_true",
-                   help="accepted for compatibility: cupyllm never logs request contents")
+                   help="accepted for compatibility: prompts are logged only with --log-prompts")
     p.add_argument("--disable-log-stats", action="store_true",
                    help="accepted for compatibility: cupyllm logs no periodic stats")
     p.add_argument("--trust-remote-code", action="store_true",
@@ -194,7 +203,8 @@ def run_serve(args: argparse.Namespace) -> int:
     for stage, seconds in (getattr(llm, "stage_times", None) or {}).items():
         logger.info("  %s: %.2f s", stage, seconds)
     engine = AsyncLLMEngine(llm)
-    app = create_app(engine, served, api_key, args.max_request_body_bytes)
+    app = create_app(engine, served, api_key, args.max_request_body_bytes, max_waiting=args.max_waiting_requests,
+                     log_prompts=args.log_prompts, shutdown_timeout=args.shutdown_timeout)
 
     @app.after_server_start
     async def ready(app):
@@ -227,6 +237,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
 # name -> (help, add_arguments, run). `benchmark` and `bench-serve` are registered here when they exist.
 SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "serve": ("run the OpenAI-compatible server", add_serve_arguments, run_serve),
+    "benchmark": ("the direct engine (no HTTP) at several batch sizes: tok/s, TTFT, decode step times",
+                  benchmark.add_arguments, benchmark.run),
+    "bench-serve": ("load-test an OpenAI-compatible server: throughput, TTFT, TPOT, latency percentiles",
+                    bench_serve.add_arguments, bench_serve.run),
 }
 
 

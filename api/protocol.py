@@ -17,25 +17,37 @@ INT64 = (-(2 ** 63), 2 ** 63 - 1)
 RESERVED_TEMPLATE_VARS = ("messages", "add_generation_prompt", "chat_template")
 
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-               405: "MethodNotAllowedError", 413: "RequestEntityTooLargeError", 500: "InternalServerError",
-               503: "ServiceUnavailableError"}
+               405: "MethodNotAllowedError", 408: "RequestTimeoutError", 413: "RequestEntityTooLargeError",
+               417: "ExpectationFailedError",
+               500: "InternalServerError", 503: "ServiceUnavailableError"}
 
 
 class APIError(Exception):
     """An error the client sees as {"error": {"message", "type", "param", "code"}} with `status`."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
+    def __init__(self, message: str, status: int = 400, param: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
         self.param = param
+        self.headers = headers  # extra response headers, e.g. Retry-After on a 503
 
     def to_dict(self) -> dict:
-        return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "Error"),
+        return {"error": {"message": _utf8(self.message), "type": ERROR_TYPES.get(self.status, "Error"),
                           "param": self.param, "code": self.status}}
 
     def body(self) -> bytes:
         return orjson.dumps(self.to_dict())
+
+
+def _utf8(text: str) -> str:
+    """`text` made encodable: a message quoting raw header or path bytes may hold lone surrogates,
+    which orjson (rightly) refuses to write."""
+    try:
+        text.encode()
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
 
 
 def parse_json(raw: bytes) -> dict:

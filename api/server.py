@@ -5,10 +5,13 @@ a real engine or a fake one; `api.cli` builds the engine and runs the app.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import itertools
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable
 from importlib import metadata
 
@@ -20,11 +23,12 @@ from api import protocol
 from api.metrics import EngineStats, Metrics, engine_stats
 from api.protocol import APIError
 from api.responses import SSE_HEADERS
-from api.serving import OpenAIServing
+from api.serving import DEFAULT_MAX_WAITING, OpenAIServing
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds SIGTERM waits for running requests; keep below the orchestrator's grace
 _app_ids = itertools.count()
 
 
@@ -43,33 +47,94 @@ def json_response(body: bytes, status: int = 200, headers: dict | None = None) -
 
 
 def error_response(e: APIError, headers: dict | None = None) -> HTTPResponse:
+    if e.headers:
+        headers = {**e.headers, **(headers or {})}
     return json_response(e.body(), e.status, headers)
 
 
 def create_app(engine, served_model_names: list[str] | None = None, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               stats: Callable[[], EngineStats] | None = None) -> Sanic:
-    """The server around `engine`; `stats` reads the gauges (default: from engine.engine's scheduler)."""
+               stats: Callable[[], EngineStats] | None = None, max_waiting: int = DEFAULT_MAX_WAITING,
+               log_prompts: bool = False, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> Sanic:
+    """The server around `engine`; `stats` reads the gauges (default: from engine.engine's scheduler).
+
+    Run in the main thread (`cupyllm serve`), SIGTERM drains: see `Drain`.
+    """
     llm = engine.engine
     names = list(served_model_names or [llm.config.model])
     metrics = Metrics(names[0], stats or (lambda: engine_stats(engine)), llm.max_model_len)
     serving = OpenAIServing(engine, llm.tokenizer, names, llm.max_model_len, llm.model_config.vocab_size,
-                            metrics, model_root=llm.config.model)
+                            metrics, model_root=llm.config.model, max_waiting=max_waiting, log_prompts=log_prompts)
     app = Sanic(f"cupyllm_{next(_app_ids)}", configure_logging=False)
     app.config.REQUEST_MAX_SIZE = max_body_bytes
     app.config.RESPONSE_TIMEOUT = 7 * 24 * 3600  # generations may stream for a long time
     app.config.NOISY_EXCEPTIONS = False
-    app.ctx.engine, app.ctx.serving, app.ctx.metrics = engine, serving, metrics
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = 2.0  # Sanic's own wait, after Drain has done the real one
+    drain = Drain(app, engine, serving, shutdown_timeout)
+    app.ctx.engine, app.ctx.serving, app.ctx.metrics, app.ctx.drain = engine, serving, metrics, drain
     _add_auth(app, api_key)
     _add_errors(app)
-    _add_routes(app, engine, serving, metrics)
+    _add_routes(app, engine, serving, metrics, drain)
     return app
+
+
+class Drain:
+    """Graceful shutdown. On SIGTERM new generations get 503 with Retry-After and /health turns 503,
+    while the running ones go on for up to `timeout` seconds; whatever is left then ends with an
+    in-band 503, and the server stops. A second SIGTERM, or SIGINT, stops at once."""
+
+    def __init__(self, app: Sanic, engine, serving: OpenAIServing, timeout: float):
+        self.app, self.engine, self.serving, self.timeout = app, engine, serving, timeout
+        self.in_flight = 0  # generation requests between parsing and their last byte
+        self._idle: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+        @app.after_server_start
+        async def install(app):
+            if threading.current_thread() is threading.main_thread():  # signal handlers need the main thread
+                asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.on_sigterm)
+
+    def enter(self) -> None:
+        self.in_flight += 1
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
+
+    def on_sigterm(self) -> None:
+        if self._task is not None:
+            logger.warning("second SIGTERM: stopping now")
+            self.app.stop(terminate=False)
+            return
+        self._task = asyncio.get_running_loop().create_task(self.run())
+
+    async def run(self) -> None:
+        self.serving.draining = True
+        self._idle = asyncio.Event()
+        if self.in_flight == 0:
+            self._idle.set()
+        logger.info("SIGTERM: refusing new requests, draining %d running for up to %.0f s", self.in_flight,
+                    self.timeout)
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.timeout)
+            logger.info("drained: stopping")
+        except asyncio.TimeoutError:
+            logger.warning("drain timed out with %d requests running: ending them", self.in_flight)
+            fail_all = getattr(self.engine, "fail_all", None)
+            if fail_all is not None:
+                fail_all(APIError("The server is shutting down; this request was cut short.", 503))
+            try:  # their handlers send the error and return
+                await asyncio.wait_for(self._idle.wait(), 5.0)
+            except asyncio.TimeoutError:
+                pass
+        self.app.stop(terminate=False)
 
 
 def _add_auth(app: Sanic, api_key: str | None) -> None:
     if not api_key:
         return
-    expected = api_key.encode()
+    expected = api_key.encode("utf-8", "surrogateescape")
     challenge = {"WWW-Authenticate": "Bearer"}
 
     @app.on_request
@@ -80,7 +145,8 @@ def _add_auth(app: Sanic, api_key: str | None) -> None:
         if scheme.lower() != "bearer" or not token.strip():
             return error_response(APIError("Missing API key: send the header 'Authorization: Bearer <key>'.",
                                            401), challenge)
-        if not hmac.compare_digest(token.strip().encode(), expected):
+        # Header bytes that are not UTF-8 arrive as surrogate escapes: compare the bytes the client sent.
+        if not hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"), expected):
             return error_response(APIError("Incorrect API key provided.", 401), challenge)
         return None
 
@@ -99,16 +165,24 @@ def _add_errors(app: Sanic) -> None:
         return error_response(APIError(f"Internal error: {type(e).__name__}: {e}", 500))
 
 
-def _add_routes(app: Sanic, engine, serving: OpenAIServing, metrics: Metrics) -> None:
+def _add_routes(app: Sanic, engine, serving: OpenAIServing, metrics: Metrics, drain: Drain) -> None:
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = protocol.parse_completion(protocol.parse_json(request.body))
-        return await _answer(request, await serving.completion(req), req.stream)
+        drain.enter()
+        try:
+            return await _answer(request, await serving.completion(req), req.stream)
+        finally:
+            drain.leave()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = protocol.parse_chat(protocol.parse_json(request.body))
-        return await _answer(request, await serving.chat(req), req.stream)
+        drain.enter()
+        try:
+            return await _answer(request, await serving.chat(req), req.stream)
+        finally:
+            drain.leave()
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -118,6 +192,8 @@ def _add_routes(app: Sanic, engine, serving: OpenAIServing, metrics: Metrics) ->
     async def health(request: Request):
         if engine.is_dead:
             return error_response(APIError(f"The engine is not running: {engine.dead_error!r}", 503))
+        if serving.draining:
+            return error_response(APIError("The server is shutting down.", 503))
         return HTTPResponse(status=200)
 
     @app.get("/version")

@@ -17,13 +17,17 @@ import orjson
 from api import responses as R
 from api.metrics import Metrics
 from api.protocol import APIError, ChatRequest, CompletionRequest, make_sampling_params
-from engine.async_engine import EngineDeadError
+from engine.errors import EngineDeadError, RequestFailedError
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 LONG_TEXT_CHARS = 16384  # texts at least this long are tokenized off the event loop
+# Sequences allowed to wait for a place in the batch before new requests get 503 (--max-waiting-requests).
+# A waiting sequence costs its prompt's ids (~40 bytes a token as Python ints) and a few KB besides.
+DEFAULT_MAX_WAITING = 4096
+RETRY_AFTER = {"Retry-After": "1"}
 
 
 def to_api_error(e: BaseException) -> APIError:
@@ -31,6 +35,8 @@ def to_api_error(e: BaseException) -> APIError:
         return e
     if isinstance(e, EngineDeadError):
         return APIError(f"The engine is not running: {e}", 503)
+    if isinstance(e, RequestFailedError):  # the engine has logged the step's traceback
+        return APIError(f"Internal error: {e}", 500)
     if isinstance(e, ValueError):
         return APIError(str(e))
     logger.error("request failed", exc_info=e)
@@ -250,8 +256,12 @@ class ChatJob(_Job):
 
 class OpenAIServing:
     def __init__(self, engine, tokenizer, served_names: list[str], max_model_len: int, vocab_size: int,
-                 metrics: Metrics, model_root: str = ""):
+                 metrics: Metrics, model_root: str = "", max_waiting: int = DEFAULT_MAX_WAITING,
+                 log_prompts: bool = False):
         self.engine = engine
+        self.max_waiting = max_waiting
+        self.log_prompts = log_prompts  # prompts reach the log only when the operator asked (--log-prompts)
+        self.draining = False  # set on SIGTERM: new generations get 503 while running ones finish
         self.tokenizer = tokenizer
         self.served_names = served_names
         self.model_name = served_names[0]
@@ -264,7 +274,26 @@ class OpenAIServing:
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.served_names:
-            raise APIError(f"The model `{model}` does not exist.", 404, "model")
+            raise APIError(f"The model `{model:.200}` does not exist.", 404, "model")
+
+    def admit(self, num_prompts: int, n: int) -> None:
+        """Refuse a generation the server should not queue: 503 while draining or when the waiting queue
+        is full (with Retry-After), 400 when the request alone asks for more sequences than the queue holds."""
+        if self.draining:
+            raise APIError("The server is shutting down and takes no new requests.", 503, headers=RETRY_AFTER)
+        num_seqs = num_prompts * n
+        if num_seqs > self.max_waiting:
+            raise APIError(f"This request asks for {num_seqs} sequences ({num_prompts} prompts x n={n}); the "
+                           f"server accepts at most {self.max_waiting} in one request.", param="prompt")
+        waiting = getattr(self.engine, "num_waiting", 0)
+        if waiting >= self.max_waiting:
+            raise APIError(f"The server is overloaded: {waiting} sequences are waiting (limit "
+                           f"{self.max_waiting}). Retry later.", 503, headers=RETRY_AFTER)
+
+    def _log_request(self, request_id: str, prompts: list, params: list[SamplingParams]) -> None:
+        if self.log_prompts:
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
+                logger.info("request %s-%d: prompt %r, params %s", request_id, i, prompt, p)
 
     def _check_ids(self, ids: list[int], param: str) -> list[int]:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
@@ -296,6 +325,7 @@ class OpenAIServing:
 
     async def completion(self, req: CompletionRequest) -> CompletionJob:
         self.check_model(req.model)
+        self.admit(len(req.prompts), req.sampling.get("n", 1))
         texts, prompts = [], []
         for p in req.prompts:
             if isinstance(p, str):
@@ -308,13 +338,17 @@ class OpenAIServing:
                 raise APIError("the prompt is empty: give at least one token", param="prompt")
         params = [self._params(req.sampling, len(ids), req.max_tokens) for ids in prompts]
         job = CompletionJob(self, req, f"cmpl-{uuid.uuid4().hex}", texts, prompts, params)
+        self._log_request(job.request_id, req.prompts, params)
         return await _started(job)
 
     async def chat(self, req: ChatRequest) -> ChatJob:
         self.check_model(req.model)
+        self.admit(1, req.sampling.get("n", 1))
         ids = await self.chat_prompt_ids(req.messages, req.add_generation_prompt, req.template_kwargs)
         params = self._params(req.sampling, len(ids), req.max_tokens)
-        return await _started(ChatJob(self, req, f"chatcmpl-{uuid.uuid4().hex}", [ids], [params]))
+        job = ChatJob(self, req, f"chatcmpl-{uuid.uuid4().hex}", [ids], [params])
+        self._log_request(job.request_id, [req.messages], [params])
+        return await _started(job)
 
     async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         """Token ids of `text`; a long text is encoded on a worker thread so the event loop keeps serving."""

@@ -12,15 +12,18 @@ import threading
 from typing import AsyncIterator
 
 from engine.config import EngineConfig
+from engine.errors import EngineDeadError, EngineStepError, RequestFailedError
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
+__all__ = ["AsyncLLMEngine", "EngineDeadError", "RequestFailedError"]
+
 logger = logging.getLogger(__name__)
 
-
-class EngineDeadError(RuntimeError):
-    """The engine loop stopped on an error; no request can be served until a restart."""
+# Failed steps in a row after which the engine counts as broken (a device that fails every step)
+# rather than unlucky (one bad batch): the loop stops and /health turns 503.
+MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
 class AsyncLLMEngine:
@@ -31,6 +34,11 @@ class AsyncLLMEngine:
         self._thread = threading.Thread(target=self._run, name="cupyllm-engine", daemon=True)
         self._stopped = threading.Event()
         self.dead_error: BaseException | None = None
+        # Sequences sent to the engine thread and not yet taken in: each counter has one writer thread.
+        self._seqs_sent = 0  # written by the event loop
+        self._seqs_taken = 0  # written by the engine thread
+        self.failed_steps = 0  # steps that raised and failed their requests
+        self._failures_in_a_row = 0
         self._thread.start()
 
     @classmethod
@@ -41,6 +49,17 @@ class AsyncLLMEngine:
     def is_dead(self) -> bool:
         return self.dead_error is not None
 
+    @property
+    def num_waiting(self) -> int:
+        """Sequences waiting for a place in the batch, including those the engine thread has not taken in
+        yet; read from the event loop without a lock (a deque's length and two ints)."""
+        return len(self.engine.scheduler.waiting) + self._seqs_sent - self._seqs_taken
+
+    @property
+    def num_streams(self) -> int:
+        """Requests with a live output stream (waiting, running, or finishing)."""
+        return len(self._streams)
+
     async def generate(self, request_id: str, prompt: str | list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Yield this request's output deltas until it finishes. Cancelling the consumer aborts it."""
@@ -49,6 +68,7 @@ class AsyncLLMEngine:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, outputs)
+        self._seqs_sent += params.n
         self._commands.put(("add", request_id, prompt, params))
         finished = False
         try:
@@ -67,6 +87,12 @@ class AsyncLLMEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
+    def fail_all(self, error: BaseException) -> None:
+        """End every live stream with `error` (server shutdown); each stream's consumer then aborts its
+        request. Call from the event loop."""
+        for request_id in list(self._streams):
+            self._deliver(request_id, error)
+
     def shutdown(self) -> None:
         self._stopped.set()
         self._commands.put(("wake",))
@@ -78,15 +104,34 @@ class AsyncLLMEngine:
             while not self._stopped.is_set():
                 self._drain_commands(block=not self.engine.has_unfinished_requests())
                 if self.engine.has_unfinished_requests():
-                    for out in self.engine.step():
-                        self._deliver(out.request_id, out)
-        except BaseException as e:  # the loop cannot go on: fail every stream, flip health
+                    self._step()
+        except BaseException as e:  # the loop cannot go on: flip health first, then fail every stream
+            self.dead_error = self.dead_error or e
             logger.exception("engine loop died")
-            self.dead_error = e
             for request_id in list(self._streams):
                 self._deliver(request_id, EngineDeadError(f"engine loop died: {e!r}"))
             while not self._stopped.is_set():  # answer later adds instead of leaving them hanging
                 self._drain_commands(block=True)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except EngineStepError as e:  # the engine has already dropped these requests and freed their blocks
+            self.failed_steps += 1
+            self._failures_in_a_row += 1
+            if self._failures_in_a_row >= MAX_CONSECUTIVE_STEP_FAILURES:  # dead before any client hears of it
+                self.dead_error = EngineDeadError(f"{self._failures_in_a_row} engine steps failed in a row; the "
+                                                  f"last: {type(e.cause).__name__}: {e.cause}")
+            error = RequestFailedError(f"the engine step running this request failed: "
+                                       f"{type(e.cause).__name__}: {e.cause}")
+            for request_id in e.request_ids:
+                self._deliver(request_id, error)
+            if self.dead_error is not None:
+                raise self.dead_error from e
+            return
+        self._failures_in_a_row = 0
+        for out in outputs:
+            self._deliver(out.request_id, out)
 
     def _drain_commands(self, block: bool) -> None:
         while True:
@@ -97,6 +142,7 @@ class AsyncLLMEngine:
             block = False
             if cmd[0] == "add":
                 _, request_id, prompt, params = cmd
+                self._seqs_taken += params.n
                 if self.dead_error is not None:
                     self._deliver(request_id, EngineDeadError(f"engine is dead: {self.dead_error!r}"))
                     continue
@@ -104,6 +150,11 @@ class AsyncLLMEngine:
                     self.engine.add_request(request_id, prompt, params)
                 except ValueError as e:
                     self._deliver(request_id, e)
+                except Exception as e:  # a bug met by one request fails that request, not the engine
+                    logger.error("adding request %s failed", request_id, exc_info=e)
+                    self.engine.abort(request_id)
+                    self._deliver(request_id, RequestFailedError(f"the engine could not add this request: "
+                                                                 f"{type(e).__name__}: {e}"))
             elif cmd[0] == "abort":
                 self.engine.abort(cmd[1])
 

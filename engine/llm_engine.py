@@ -13,11 +13,12 @@ import numpy as np
 
 from engine.block_manager import BlockManager
 from engine.config import ConfigError, EngineConfig, ModelConfig
-from engine.loader import CheckpointWeights, resolve_model_path
+from engine.errors import EngineStepError, FatalEngineError
+from engine.loader import CheckpointWeights, DummyWeights, resolve_model_path
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput, SequenceOutputState
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
 from engine.tokenizer import Tokenizer
 from ops.backend import get_backend
@@ -50,8 +51,8 @@ class LLMEngine:
         self.config = config
         path = resolve_model_path(config.model)
         self.model_config = ModelConfig.from_pretrained(path)
-        self.tokenizer = Tokenizer.from_pretrained(path, chat_template=config.chat_template,
-                                                   use_generation_config=config.generation_config != "vllm")
+        self.tokenizer = None if config.skip_tokenizer_init else Tokenizer.from_pretrained(
+            path, chat_template=config.chat_template, use_generation_config=config.generation_config != "vllm")
         mc, sc = self.model_config, config.scheduler
         if config.max_model_len is None:
             sc.max_model_len = mc.max_position_embeddings
@@ -63,10 +64,10 @@ class LLMEngine:
         dtype = config.dtype if config.dtype != "auto" else {"float32": "float16"}.get(mc.torch_dtype, mc.torch_dtype)
         self.backend = get_backend(config.device, dtype)
         self.stage_times["config and tokenizer"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        with CheckpointWeights(path) as weights:
+        weights = DummyWeights(config.seed) if config.load_format == "dummy" else CheckpointWeights(path)
+        with weights:
             self.runner = ModelRunner(mc, config, self.backend, weights)
-        self.stage_times["weights and KV cache"] = time.perf_counter() - t1
+        self.stage_times.update(self.runner.stage_times)
         num_blocks = self.runner.num_blocks
         if num_blocks * config.cache.block_size < self.max_model_len:
             raise ConfigError(f"the KV cache holds {num_blocks} blocks ({num_blocks * config.cache.block_size} "
@@ -74,7 +75,7 @@ class LLMEngine:
                               "lower max_model_len or give the cache more memory")
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(sc, self.block_manager)
-        self.eos_token_ids = frozenset(mc.eos_token_ids) | self.tokenizer.eos_token_ids
+        self.eos_token_ids = frozenset(mc.eos_token_ids) | (self.tokenizer.eos_token_ids if self.tokenizer else frozenset())
         self.requests: dict[str, Request] = {}
         self._rng = np.random.default_rng(config.seed)
         logger.info("engine ready in %.2f s: %s on %s, %d KV blocks (%d tokens), max_model_len %d",
@@ -87,6 +88,8 @@ class LLMEngine:
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str) and self.tokenizer is None:
+            raise ValueError("this engine runs without a tokenizer (skip_tokenizer_init): give the prompt as token ids")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._validate_prompt(ids)
         params.validate_against_vocab(self.model_config.vocab_size)
@@ -123,17 +126,38 @@ class LLMEngine:
 
     # the step
     def step(self) -> list[RequestOutput]:
+        """Schedule, run, post-process. If running or post-processing raises, the requests scheduled in
+        this step fail (EngineStepError names them) and everything else stays as it was."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        sampling_seqs = [s.seq for s in sched.scheduled if s.samples]
-        tensors = self._sampling_tensors(sampling_seqs) if sampling_seqs else None
-        sampled = self.runner.execute(sched, tensors)
-        touched: dict[str, Request] = {}
-        for row, seq in enumerate(sampling_seqs):
-            self._append_token(seq, sampled, row)
-            touched[seq.request_id] = self.requests[seq.request_id]
-        return [self._request_output(req) for req in touched.values()]
+        try:
+            sampling_seqs = [s.seq for s in sched.scheduled if s.samples]
+            tensors = self._sampling_tensors(sampling_seqs) if sampling_seqs else None
+            sampled = self.runner.execute(sched, tensors)
+            touched: dict[str, Request] = {}
+            for row, seq in enumerate(sampling_seqs):
+                self._append_token(seq, sampled, row)
+                touched[seq.request_id] = self.requests[seq.request_id]
+            return [self._request_output(req) for req in touched.values()]
+        except FatalEngineError:
+            raise
+        except Exception as e:
+            raise self._fail_step(sched, e) from e
+
+    def _fail_step(self, sched: SchedulerOutput, cause: Exception) -> EngineStepError:
+        """Fail every request with a sequence in the failed step; free their blocks, and make the prefix
+        cache forget the blocks they hold first: the step may have left half-written K/V in them."""
+        request_ids = list(dict.fromkeys(s.seq.request_id for s in sched.scheduled))
+        for s in sched.scheduled:
+            self.block_manager.drop_hashes(s.seq)
+        for request_id in request_ids:
+            req = self.requests.pop(request_id, None)
+            for seq in req.seqs if req is not None else ():
+                self.scheduler.finish(seq, "error")
+        logger.error("engine step failed (%d sequences); failing requests %s", len(sched.scheduled),
+                     ", ".join(request_ids), exc_info=cause)
+        return EngineStepError(request_ids, cause)
 
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         rows = []
