@@ -65,6 +65,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse KV blocks of shared prompt prefixes (default: on)")
     p.add_argument("--enforce-eager", action="store_true", help="never replay CUDA graphs")
+    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+                   help="dummy: seeded random weights with the checkpoint's shapes (benchmarks without weights)")
     p.add_argument("--seed", type=int, default=0, help="seed of requests that give none")
     p.add_argument("--device", default="auto", choices=("auto", "numpy", "cuda"),
                    help="auto: cuda when CuPy sees a GPU, else the numpy backend")
@@ -100,7 +102,7 @@ OPTIONAL_FEATURES = (
     ("quantization", "--quantization", None, "quantized weights are not implemented; use an unquantized checkpoint"),
     ("tensor_parallel_size", "--tensor-parallel-size", 1, "cupyllm runs a model on one device"),
     ("block_size", "--block-size", 16, "KV-cache blocks hold 16 tokens"),
-    ("enforce_eager", "--enforce-eager", True, ""),  # eager is all there is until CUDA graphs exist
+    ("enforce_eager", "--enforce-eager", False, ""),
 )
 
 
@@ -111,7 +113,7 @@ def engine_config(args: argparse.Namespace):
     kw = dict(model=model_arg(args) or "", dtype=DTYPE_ALIASES.get(args.dtype, args.dtype), seed=args.seed,
               device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
               num_kv_blocks=args.num_gpu_blocks_override, chat_template=chat_template_arg(args.chat_template),
-              generation_config=generation_config_arg(args.generation_config))
+              generation_config=generation_config_arg(args.generation_config), load_format=args.load_format)
     if args.max_num_batched_tokens is not None:
         kw["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.enable_prefix_caching is not None:
@@ -120,7 +122,7 @@ def engine_config(args: argparse.Namespace):
         value = getattr(args, field)
         if field in fields:
             kw[field] = value
-        elif value != neutral and field != "enforce_eager":
+        elif value != neutral:
             raise CLIError(f"{flag} {value} is not supported yet: {why}")
     return EngineConfig(**kw)
 

@@ -51,7 +51,6 @@ def test_flags_map_onto_engine_config():
     (["--kv-cache-dtype", "fp8"], "kv_cache_dtype", "--kv-cache-dtype fp8 is not supported yet"),
     (["--tensor-parallel-size", "2"], "tensor_parallel_size", "--tensor-parallel-size 2 is not supported yet"),
     (["-tp", "4"], "tensor_parallel_size", "--tensor-parallel-size 4 is not supported yet"),
-    (["--gpu-memory-utilization", "0.5"], "gpu_memory_utilization", "--gpu-memory-utilization 0.5 is not supported"),
     (["--block-size", "32"], "block_size", "--block-size 32 is not supported yet"),
     (["--generation-config", "/some/dir"], None, "--generation-config '/some/dir' is not supported yet"),
     (["--chat-template", "no/such/template.jinja"], None, "no such file"),
@@ -102,3 +101,12 @@ def test_help_and_console_script(capsys):
     cfg = configparser.ConfigParser()
     cfg.read(os.path.join(REPO, "setup.cfg"))
     assert "cupyllm = api.cli:main" in cfg.get("options.entry_points", "console_scripts")
+
+
+def test_engine_flags_reach_the_engine_config():
+    from api.cli import build_parser, engine_config
+
+    args = build_parser().parse_args(["serve", "--gpu-memory-utilization", "0.5", "--enforce-eager",
+                                      "--load-format", "dummy", "--device", "numpy"])
+    config = engine_config(args)
+    assert (config.gpu_memory_utilization, config.enforce_eager, config.load_format) == (0.5, True, "dummy")
