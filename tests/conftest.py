@@ -21,7 +21,7 @@ ARCHS = {
         "original_max_position_embeddings": 64})),
     "llama_linear": ("LlamaConfig", dict(rope_scaling={"rope_type": "linear", "factor": 2.0})),
     "mistral": ("MistralConfig", dict(sliding_window=None)),
-    "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(head_dim=64, tie_word_embeddings=True)),
 }
 
 
@@ -39,7 +39,7 @@ def write_checkpoint(path, arch: str, seed: int = 0):
 
     cls_name, extra = ARCHS[arch]
     config = getattr(transformers, cls_name)(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         rms_norm_eps=1e-6, **extra)
     torch.manual_seed(seed)

@@ -172,7 +172,7 @@ def test_missing_config_field_and_file(tmp_path):
 def test_config_fields_read_from_real_families(checkpoint):
     path, _ = checkpoint("qwen3")
     c = ModelConfig.from_pretrained(path)
-    assert c.qk_norm and c.head_dim == 32 and not c.attention_bias and c.tie_word_embeddings
+    assert c.qk_norm and c.head_dim == 64 and not c.attention_bias and c.tie_word_embeddings
     path, _ = checkpoint("llama3_scaled")
     c = ModelConfig.from_pretrained(path)
     assert c.rope_scaling.kind == "llama3" and c.rope_scaling.factor == 8.0 and not c.tie_word_embeddings
