@@ -24,7 +24,10 @@ def main() -> None:
     lines = []
     for line in Path(args.bench_jsonl).read_text().splitlines():
         if line.strip():
-            entry = {"date": date, "commit": commit, "card": args.card, "command": args.command, **json.loads(line)}
+            figures = json.loads(line)
+            # the bookkeeping is ours: a device copy has no git (its own "commit" is null)
+            entry = {**figures, "date": date, "commit": commit, "card": figures.get("card") or args.card,
+                     "command": args.command}
             if args.reason:
                 entry["reason"] = args.reason
             lines.append(json.dumps(entry, sort_keys=True))
