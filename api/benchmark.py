@@ -97,7 +97,8 @@ def print_table(rows: list[dict]) -> None:
 def record(rows: list[dict], args: argparse.Namespace, engine) -> None:
     card = engine.backend.device_name() if engine.backend.name == "cuda" else "cpu"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    base = dict(bench="engine_benchmark", date=datetime.date.today().isoformat(), commit=commit or "unknown (no git here)", card=card,
+    base = dict(bench="engine_benchmark", date=datetime.date.today().isoformat(),
+                commit=commit or "unknown (no git here)", card=card,
                 model=os.path.basename(os.path.normpath(args.model)) if args.model else "demo",
                 dtype=engine.backend.dtype_name,
                 command="cupyllm benchmark " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
