@@ -15,15 +15,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ops import autotune  # noqa: E402
 from ops.cublaslt import PlanKey  # noqa: E402
-try:
-    from ops.cuda.linear import Linear  # noqa: E402
-except ImportError:  # ops/cuda/__init__ imports every op module; the GEMM needs only this one
-    import importlib.util
-    _path = Path(__file__).resolve().parent.parent / "ops" / "cuda" / "linear.py"
-    _spec = importlib.util.spec_from_file_location("_linear", _path)
-    _linear = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_linear)
-    Linear = _linear.Linear
+from ops.cuda.linear import Linear  # noqa: E402
 
 COPY_GBPS, MATMUL_TFLOPS = 2990.0, 750.0  # measured on this H100 (../shared/GPU.md)
 CONFIG = Path(__file__).resolve().parent / "configs" / "qwen2.5-7b" / "config.json"

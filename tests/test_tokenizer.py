@@ -5,7 +5,6 @@ transformers (and torch under it) are used only here, as the reference loader fo
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import cupy as cp
 import numpy as np
 
-from ops import reference  # noqa: F401  (the oracle; kept importable beside the backend)
 from ops.cuda import attention as _attention
 from ops.cuda import basic as _basic
 from ops.cuda import sampling as _sampling

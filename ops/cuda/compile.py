@@ -14,8 +14,7 @@ import numpy as np
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
 
 # numpy dtype -> the CUDA C type name the kernels are specialised with (-DT=...)
-CUDA_TYPES = {np.dtype(np.float16): "half", np.dtype(cp.float32): "float"}
-BF16 = "bfloat16"  # CuPy has no bfloat16 array dtype: bf16 tensors are uint16 bit patterns, see dtype_name
+CUDA_TYPES = {np.dtype(np.float16): "half", np.dtype(np.float32): "float"}
 
 
 def cuda_type(dtype) -> str:

@@ -3,9 +3,7 @@ Qwen2.5-7B and Llama-3-8B, inside a CUDA graph, with odd strides and alignment, 
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,14 +17,7 @@ except cp.cuda.runtime.CUDARuntimeError:
 
 from ops import autotune, cublaslt  # noqa: E402
 
-try:
-    from ops.cuda.linear import Linear
-except ImportError:  # ops/cuda/__init__ imports sibling modules that may not exist yet: load this one alone
-    _spec = importlib.util.spec_from_file_location(
-        "_linear_under_test", Path(__file__).resolve().parents[2] / "ops" / "cuda" / "linear.py")
-    _module = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_module)
-    Linear = _module.Linear
+from ops.cuda.linear import Linear  # noqa: E402
 
 MODELS = {  # hidden, query heads, kv heads, head dim, intermediate, vocab, qkv bias
     "qwen2.5-7b": (3584, 28, 4, 128, 18944, 152064, True),
