@@ -4,6 +4,7 @@ It owns the KV cache and is the only engine module that touches device arrays.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -28,7 +29,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         weights.check(expected_shapes(model_config))
         self.model = LlamaModel(model_config, backend, self.max_model_len)
-        self.model.load_weights(_fetcher(weights, backend))
+        with _fetcher(weights, backend) as fetch:
+            self.model.load_weights(fetch)
         backend.synchronize()
         self.stage_times["weights"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -106,8 +108,9 @@ class ModelRunner:
 
 
 def _fetcher(weights, backend):
-    """name -> backend array: generated on the backend for dummy weights, else read and uploaded."""
+    """A context giving name -> backend array: generated on the backend for dummy weights, else the
+    backend's checkpoint loader (on the GPU: pinned staging and async copies, see ops/cuda/upload.py)."""
     from engine.loader import DummyWeights
     if isinstance(weights, DummyWeights):
-        return lambda name: backend.random_weight(*weights.spec(name))
-    return lambda name: backend.weight(weights.get(name))
+        return contextlib.nullcontext(lambda name: backend.random_weight(*weights.spec(name)))
+    return backend.weight_loader(weights)

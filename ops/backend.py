@@ -5,6 +5,7 @@ the argument lists of ops/reference.py. Model code never imports numpy or cupy f
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -39,6 +40,10 @@ class NumpyBackend:
     def weight(self, array: np.ndarray) -> np.ndarray:
         """A weight in the compute dtype, copied out of the checkpoint's memory map."""
         return np.array(array, dtype=self.dtype, order="C")
+
+    def weight_loader(self, weights):
+        """A context giving name -> weight for a CheckpointWeights (ModelRunner loads through it)."""
+        return contextlib.nullcontext(lambda name: self.weight(weights.get(name)))
 
     def random_weight(self, shape, seed: int, mean: float, std: float) -> np.ndarray:
         """A dummy weight (--load-format dummy) drawn from a seeded normal."""

@@ -43,6 +43,12 @@ class CudaBackend:
         """A float32 host weight, rounded to the compute dtype and uploaded."""
         return cp.asarray(to_storage(np.asarray(array, np.float32), self.dtype_name))
 
+    def weight_loader(self, weights):
+        """A context giving name -> device weight for a CheckpointWeights (to be replaced by pinned,
+        overlapped uploads)."""
+        import contextlib
+        return contextlib.nullcontext(lambda name: self.weight(weights.get(name)))
+
     def random_weight(self, shape, seed: int, mean: float, std: float):
         """A dummy weight (--load-format dummy) generated on the GPU: 15 GB of 7B weights never touch the host."""
         w = cp.random.default_rng(seed).standard_normal(shape, dtype=cp.float32)
