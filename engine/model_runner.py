@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from itertools import chain
 
 import numpy as np
 
@@ -60,27 +61,31 @@ class ModelRunner:
         return kv_blocks_from_memory(self, cfg)
 
     def prepare(self, sched: SchedulerOutput):
-        """Host arrays of one step: ids, positions and the attention metadata."""
-        bs = self.block_size
-        items = sched.scheduled
-        lens = np.fromiter((s.num_tokens for s in items), np.int32, len(items))
-        query_start_loc = np.zeros(len(items) + 1, np.int32)
+        """Host arrays of one step: ids, positions and the attention metadata.
+
+        Vectorized over the batch: the only per-sequence Python is gathering list slices (a decode step of
+        256 sequences costs a few hundred microseconds of CPU, which the GPU would otherwise wait for).
+        """
+        bs, items = self.block_size, sched.scheduled
+        n = len(items)
+        starts = np.fromiter((s.start for s in items), np.int32, n)
+        lens = np.fromiter((s.num_tokens for s in items), np.int32, n)
+        query_start_loc = np.zeros(n + 1, np.int32)
         np.cumsum(lens, out=query_start_loc[1:])
-        input_ids = np.empty(query_start_loc[-1], np.int32)
-        positions = np.empty_like(input_ids)
-        slot_mapping = np.empty_like(input_ids)
-        seq_lens = np.empty(len(items), np.int32)
-        max_blocks = max(len(s.seq.block_table) for s in items)
-        block_tables = np.zeros((len(items), max_blocks), np.int32)
-        for b, s in enumerate(items):
-            lo, hi = query_start_loc[b], query_start_loc[b + 1]
-            input_ids[lo:hi] = s.seq.token_ids[s.start:s.start + s.num_tokens]
-            pos = np.arange(s.start, s.start + s.num_tokens, dtype=np.int32)
-            positions[lo:hi] = pos
-            table = np.asarray(s.seq.block_table, np.int32)
-            block_tables[b, :len(table)] = table
-            slot_mapping[lo:hi] = table[pos // bs] * bs + pos % bs
-            seq_lens[b] = s.start + s.num_tokens
+        total = int(query_start_loc[-1])
+        input_ids = np.fromiter(chain.from_iterable(s.seq.token_ids[s.start:s.start + s.num_tokens] for s in items),
+                                np.int32, total)
+        row = np.repeat(np.arange(n, dtype=np.int32), lens)  # the sequence of every token
+        positions = (np.arange(total, dtype=np.int32) - query_start_loc[row] + starts[row]).astype(np.int32)
+        table_lens = np.fromiter((len(s.seq.block_table) for s in items), np.int32, n)
+        block_tables = np.zeros((n, int(table_lens.max())), np.int32)
+        table_starts = np.zeros(n, np.int32)
+        np.cumsum(table_lens[:-1], out=table_starts[1:])
+        flat = np.fromiter(chain.from_iterable(s.seq.block_table for s in items), np.int32, int(table_lens.sum()))
+        table_row = np.repeat(np.arange(n, dtype=np.int32), table_lens)
+        block_tables[table_row, np.arange(len(flat), dtype=np.int32) - table_starts[table_row]] = flat
+        slot_mapping = (block_tables[row, positions // bs] * bs + positions % bs).astype(np.int32)
+        seq_lens = starts + lens
         meta = AttentionMetadata(query_start_loc, seq_lens, block_tables, slot_mapping,
                                  max_query_len=int(lens.max()), max_seq_len=int(seq_lens.max()))
         return input_ids, positions, meta
