@@ -48,7 +48,7 @@ class ModelRunner:
             from graphs.manager import DecodeGraphs
             backend.prepare_decode(model_config, engine_config.scheduler.max_num_seqs, self.max_model_len)
             self.graphs = DecodeGraphs(self.model, self.kv_caches, engine_config.scheduler.max_num_seqs,
-                                       self.max_model_len, self.block_size)
+                                       self.max_model_len, self.block_size, model_config.vocab_size)
             self.graphs.capture()
             self.stage_times["graph capture"] = self.graphs.capture_seconds
 
@@ -103,7 +103,7 @@ class ModelRunner:
         input_ids, positions, meta = self.prepare(sched)
         self.num_computed_tokens_total += len(input_ids)
         if self.graphs is not None and meta.max_query_len == 1 and len(input_ids) <= self.graphs.max_size:
-            return b.sample(self.graphs.run(input_ids, positions, meta), sampling)  # every decode row samples
+            return self.graphs.run(input_ids, positions, meta, sampling)  # every decode row samples
         hidden = self.model.forward(*self.upload(input_ids, positions, meta), self.kv_caches)
         rows = [int(meta.query_start_loc[i + 1]) - 1 for i, s in enumerate(sched.scheduled) if s.samples]
         if not rows:

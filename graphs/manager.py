@@ -3,6 +3,11 @@ replayed with the step's inputs copied into static buffers before each launch.
 
 A batch of n decodes replays the smallest captured size >= n; rows past n are padding that every
 kernel treats as a no-op (slot -1: no cache write; seq_len 0: no attention, zero output).
+
+Sampling is part of each graph: the step's parameters are loaded into fixed device buffers before the
+launch (ops/cuda/sampling.SamplingBuffers), and the only copy back is the sampled ids. A batch asking for
+logprobs, or with more penalty history or logit-bias entries than the buffers hold, samples eagerly from
+the graph's logits instead (same kernel, same Philox draws: the same tokens).
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import time
 import numpy as np
 
 from ops.metadata import AttentionMetadata
+from ops.sampling import SamplerOutput, SamplingTensors
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +39,13 @@ def padded_size(sizes: list[int], n: int) -> int | None:
 class DecodeGraphs:
     """Owns the static inputs, the captured graphs and their logits outputs."""
 
-    def __init__(self, model, kv_caches, max_num_seqs: int, max_model_len: int, block_size: int):
+    def __init__(self, model, kv_caches, max_num_seqs: int, max_model_len: int, block_size: int,
+                 vocab_size: int, max_history: int = 32768, max_bias: int = 64):
         import cupy as cp  # graphs exist on the CUDA backend only
 
+        from ops.cuda import sampling
         self.cp = cp
+        self._sampling = sampling
         self.model = model
         self.kv_caches = kv_caches
         self.sizes = capture_sizes(max_num_seqs)
@@ -51,10 +60,14 @@ class DecodeGraphs:
         self.seq_lens = cp.zeros(b, i32)
         self.query_start_loc = cp.arange(b + 1, dtype=i32)  # one query row per sequence, always
         self.block_tables = cp.zeros((b, max_blocks), i32)
+        # Penalty history per row: prompt + output, so at most max_model_len ids.
+        self.sampling_buffers = sampling.SamplingBuffers(b, vocab_size, min(max_model_len, max_history), max_bias)
         self.graphs: dict[int, object] = {}
         self.logits: dict[int, object] = {}
+        self.token_ids: dict[int, object] = {}
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.pool = cp.cuda.MemoryPool()
+        self.steps = self.steps_sampled_in_graph = 0
         self._rows_live = 0  # rows holding a real sequence since the last replay: the rest are padding
         self.capture_seconds = 0.0
 
@@ -65,7 +78,10 @@ class DecodeGraphs:
 
     def _forward(self, size: int):
         hidden = self.model.forward(self.input_ids[:size], self.positions[:size], self._meta(size), self.kv_caches)
-        return self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(hidden)
+        token_ids = self.cp.empty(size, np.int32)
+        self._sampling.sample(logits, self.sampling_buffers, token_ids)
+        return logits, token_ids
 
     def capture(self) -> None:
         """Capture every size, largest first so smaller graphs reuse the pool's blocks."""
@@ -75,19 +91,22 @@ class DecodeGraphs:
             for size in reversed(self.sizes):
                 self._forward(size)  # eager once: kernels loaded, cuBLASLt plans built, before capture
                 self.stream.begin_capture()
-                logits = self._forward(size)
+                self.logits[size], self.token_ids[size] = self._forward(size)
                 self.graphs[size] = self.stream.end_capture()
-                self.logits[size] = logits
         self.stream.synchronize()
         self.capture_seconds = time.perf_counter() - t0
         logger.info("captured %d decode graphs (%s) in %.3f s", len(self.sizes),
                     ", ".join(map(str, self.sizes)), self.capture_seconds)
 
-    def run(self, input_ids: np.ndarray, positions: np.ndarray, meta: AttentionMetadata):
-        """Replay the graph for this decode batch (host arrays from ModelRunner.prepare); logits [n, V]."""
+    def run(self, input_ids: np.ndarray, positions: np.ndarray, meta: AttentionMetadata,
+            sampling: SamplingTensors) -> SamplerOutput:
+        """Replay the graph for this decode batch (host arrays from ModelRunner.prepare) and sample."""
         cp, n = self.cp, len(input_ids)
         size = padded_size(self.sizes, n)
         stream = cp.cuda.get_current_stream()
+        in_graph = sampling.num_logprobs < 0 and self.sampling_buffers.fits(sampling)
+        if in_graph:
+            self.sampling_buffers.load(sampling)
         self.input_ids[:n].set(input_ids, stream)
         self.positions[:n].set(positions, stream)
         self.slot_mapping[:n].set(meta.slot_mapping, stream)
@@ -99,4 +118,8 @@ class DecodeGraphs:
             self.seq_lens[n:self._rows_live] = 0
         self._rows_live = n
         self.graphs[size].launch(stream)
-        return self.logits[size][:n]
+        self.steps += 1
+        self.steps_sampled_in_graph += in_graph
+        if in_graph:
+            return SamplerOutput(self.token_ids[size][:n].get(stream), None, None, None)
+        return self._sampling.sample(self.logits[size][:n], sampling)

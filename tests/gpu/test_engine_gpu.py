@@ -77,15 +77,27 @@ def _compare(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
 
 
 def test_graph_replay_equals_eager(checkpoint, rng):
+    """Greedy, seeded sampling, penalties, a min_tokens ban and logprobs in one batch: the graphs (sampling
+    inside them, or eagerly from their logits while a row wants logprobs) give what the eager path gives."""
     path, _ = checkpoint("qwen2_untied")
     prompts = [rng.integers(0, VOCAB, n).tolist() for n in (3, 20, 7, 33, 5)]
-    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    params = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=0.9, top_p=0.9, seed=11, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=1.0, top_k=5, repetition_penalty=1.3, frequency_penalty=0.5, seed=12,
+                             max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=0.7, min_p=0.05, seed=13, min_tokens=10, stop_token_ids=[1, 2, 3],
+                             max_tokens=24),
+              SamplingParams(temperature=0.0, logprobs=3, max_tokens=6, ignore_eos=True)]
     graphed = _engine(path, "float16")
     assert graphed.runner.graphs is not None and graphed.runner.graphs.sizes == [1, 2, 4, 8]
     eager = _engine(path, "float16", enforce_eager=True)
-    a = [o.outputs[0].token_ids for o in graphed.generate(prompts, params)]
-    b = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
-    assert a == b
+    a = graphed.generate(prompts, params)
+    b = eager.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+    g = graphed.runner.graphs
+    assert 0 < g.steps_sampled_in_graph < g.steps  # both ways ran: in the graph, and eagerly for logprobs
+    flat = lambda lps: [(t, lp, *[x for pair in top for x in pair]) for t, lp, top in lps]  # noqa: E731
+    np.testing.assert_allclose(flat(a[4].outputs[0].logprobs), flat(b[4].outputs[0].logprobs), rtol=1e-4, atol=1e-4)
 
 
 def test_mixed_batch_with_prefix_hits_and_preemption_matches_alone(checkpoint, rng):
