@@ -62,18 +62,26 @@ def test_logits_match_transformers_fp32(arch, dtype, rounded_checkpoint, rng):
         assert rel < 2e-2 and agree >= 0.99
         return
     # bfloat16 keeps 8 bits of mantissa: on these models transformers itself, run in bf16 on the same
-    # files, lands at 2-4e-2 and 95-98% agreement (measured on the CPU). The yardstick is that run.
+    # files, lands at 2-5e-2 and 93-99% agreement (measured on the CPU). The yardstick is that run, on
+    # the same prompt. Two sound bf16 runs of transformers itself, differing only in the attention kernel
+    # (eager vs sdpa), land up to 1.64x apart in max error and 1.24x in RMS error on the same prompt
+    # (scripts/bf16_yardstick.py, perf/logs/bf16_yardstick_cpu.log): so max error within 2x, RMS within 1.5x.
     with torch.no_grad():
         hf_low = copy.deepcopy(model).to(torch.bfloat16)(torch.tensor([ids])).logits[0].float().numpy()
     hf_rel, hf_agree = _compare(hf_low, ref)
-    print(f"{arch} {dtype}: max rel err {rel:.2e} (transformers bf16: {hf_rel:.2e}), "
-          f"argmax agreement {agree:.3f} (transformers bf16: {hf_agree:.3f})")
-    assert rel < max(2e-2, 1.25 * hf_rel) and agree >= min(0.99, hf_agree - 0.025)
+    rms, hf_rms = _rms_rel(ours, ref), _rms_rel(hf_low, ref)
+    print(f"{arch} {dtype}: max rel err {rel:.2e} (transformers bf16: {hf_rel:.2e}), rms rel err {rms:.2e} "
+          f"({hf_rms:.2e}), argmax agreement {agree:.3f} (transformers bf16: {hf_agree:.3f})")
+    assert rms < 1.5 * hf_rms and rel < max(2e-2, 2 * hf_rel) and agree >= min(0.99, hf_agree - 0.025)
 
 
 def _compare(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     """Max error relative to the largest reference logit; share of positions with the same argmax."""
     return float(np.abs(ours - ref).max() / np.abs(ref).max()), float((ours.argmax(-1) == ref.argmax(-1)).mean())
+
+
+def _rms_rel(ours: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((ours - ref) ** 2) / np.mean(ref ** 2)))
 
 
 def test_graph_replay_equals_eager(checkpoint, rng):
