@@ -54,9 +54,14 @@ def run(args: argparse.Namespace) -> int:
         measure(engine, rng, vocab, n, args.input_len, 8)  # warm-up: same shapes, few tokens
         r = measure(engine, rng, vocab, n, args.input_len, args.output_len)
         r.update(n=n, input_len=args.input_len, output_len=args.output_len, startup_s=round(startup, 2))
+        graphs = engine.runner.graphs
+        if graphs is not None and n <= graphs.max_size:
+            # The GPU's share of a decode step: the graph alone, at the run's median context.
+            r["graph_ms"] = round(graphs.time_replay(n, args.input_len + args.output_len // 2), 3)
         rows.append(r)
         print(f"N={n:<4} {r['tok_s']:>9.1f} tok/s  TTFT {r['ttft_ms']:>8.1f} ms  "
-              f"step p50 {r['step_ms_p50']:.2f} ms p95 {r['step_ms_p95']:.2f} ms")
+              f"step p50 {r['step_ms_p50']:.2f} ms p95 {r['step_ms_p95']:.2f} ms"
+              + (f"  graph alone {r['graph_ms']:.2f} ms" if "graph_ms" in r else ""))
     print_table(rows)
     record(rows, args, engine)
     return 0
@@ -89,9 +94,11 @@ def measure(engine, rng, vocab: int, n: int, input_len: int, output_len: int) ->
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'N':>5} {'tok/s':>10} {'TTFT ms':>9} {'step p50 ms':>12} {'step p95 ms':>12}")
+    print(f"\n{'N':>5} {'tok/s':>10} {'TTFT ms':>9} {'step p50 ms':>12} {'step p95 ms':>12} {'graph ms':>9}")
     for r in rows:
-        print(f"{r['n']:>5} {r['tok_s']:>10.1f} {r['ttft_ms']:>9.1f} {r['step_ms_p50']:>12.2f} {r['step_ms_p95']:>12.2f}")
+        graph = f"{r['graph_ms']:>9.2f}" if "graph_ms" in r else f"{'-':>9}"
+        print(f"{r['n']:>5} {r['tok_s']:>10.1f} {r['ttft_ms']:>9.1f} {r['step_ms_p50']:>12.2f} "
+              f"{r['step_ms_p95']:>12.2f} {graph}")
 
 
 def record(rows: list[dict], args: argparse.Namespace, engine) -> None:

@@ -123,3 +123,21 @@ class DecodeGraphs:
         if in_graph:
             return SamplerOutput(self.token_ids[size][:n].get(stream), None, None, None)
         return self._sampling.sample(self.logits[size][:n], sampling)
+
+    def time_replay(self, n: int, context: int, iters: int = 50) -> float:
+        """GPU milliseconds of one replay for n rows at `context` tokens each, on the block tables the last
+        batch left (call after a batch of >= n rows that reached `context`); writes no cache slot."""
+        cp, size = self.cp, padded_size(self.sizes, n)
+        self.slot_mapping[:] = -1
+        self.seq_lens[:] = 0
+        self.seq_lens[:n] = context
+        self._rows_live = size
+        stream = cp.cuda.get_current_stream()
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        self.graphs[size].launch(stream)  # warm
+        start.record(stream)
+        for _ in range(iters):
+            self.graphs[size].launch(stream)
+        end.record(stream)
+        end.synchronize()
+        return cp.cuda.get_elapsed_time(start, end) / iters
