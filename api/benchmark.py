@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
     p.add_argument("--device", default="auto", choices=["auto", "numpy", "cuda"])
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each decode step before the last one's tokens reach the host (default: with graphs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="append one JSON line per N to this file")
     p.add_argument("--no-history", action="store_true", help="do not append to perf/history.jsonl")
@@ -43,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, dtype=args.dtype, device=args.device, seed=args.seed, load_format=args.load_format,
         max_num_seqs=max(ns), max_model_len=args.input_len + args.output_len + 16,
         max_num_batched_tokens=max(8192, max(ns) * args.input_len), enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
         skip_tokenizer_init=bool(args.model) and not has_tokenizer))
     startup = time.perf_counter() - t0
     print(f"engine ready in {startup:.2f} s ({engine.backend.name}); stages: "

@@ -65,6 +65,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse KV blocks of shared prompt prefixes (default: on)")
     p.add_argument("--enforce-eager", action="store_true", help="never replay CUDA graphs")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule and launch each decode step before the previous one's tokens reach the host "
+                        "(default: on with CUDA graphs)")
     p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
                    help="dummy: seeded random weights with the checkpoint's shapes (benchmarks without weights)")
     p.add_argument("--seed", type=int, default=0, help="seed of requests that give none")
@@ -118,6 +121,7 @@ def engine_config(args: argparse.Namespace):
         kw["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.enable_prefix_caching is not None:
         kw["enable_prefix_caching"] = args.enable_prefix_caching
+    kw["async_scheduling"] = args.async_scheduling
     for field, flag, neutral, why in OPTIONAL_FEATURES:
         value = getattr(args, field)
         if field in fields:

@@ -118,6 +118,19 @@ class BlockManager:
                     self.free_ids.append(block_id)
         seq.block_table = []
 
+    def token_replaced(self, seq: Sequence, position: int) -> None:
+        """The token at `position` changed (a placeholder got its id): if its block was already full and
+        cached under the placeholder's hash, uncache it, and recompute the chain from there when needed."""
+        i = position // self.block_size
+        if i < len(seq.block_hashes):
+            block_id = self.cached.pop(seq.block_hashes[i], None)
+            if block_id is not None:
+                self.block_hash[block_id] = self.block_tokens[block_id] = None
+                if block_id in self.evictable:  # free and now holding nothing reusable
+                    del self.evictable[block_id]
+                    self.free_ids.append(block_id)
+            del seq.block_hashes[i:]
+
     def drop_hashes(self, seq: Sequence) -> None:
         """Forget the cache entries of `seq`'s blocks (their K/V may be wrong after a failed step)."""
         for block_id in seq.block_table:

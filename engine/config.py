@@ -197,6 +197,7 @@ class EngineConfig:
     load_format: str = "auto"  # "auto": safetensors from the model dir; "dummy": seeded random weights
     gpu_memory_utilization: float = 0.9  # share of the GPU's memory for weights + activations + KV cache
     enforce_eager: bool = False  # never replay CUDA graphs
+    async_scheduling: bool | None = None  # decode one step ahead of the host; None: on where graphs run
     skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks on config-only dirs)
     cache: CacheConfig = field(init=False)
     scheduler: SchedulerConfig = field(init=False)

@@ -22,9 +22,17 @@ from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
 from engine.tokenizer import Tokenizer
 from ops.backend import get_backend
-from ops.sampling import SamplingTensors
+from ops.sampling import DeferredSample, SamplingTensors
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A launched step whose sampled ids have not reached the host yet."""
+    sched: SchedulerOutput
+    seqs: list[Sequence]  # the sampling rows, in order
+    sample: DeferredSample
 
 
 @dataclass(slots=True)
@@ -78,6 +86,9 @@ class LLMEngine:
         self.eos_token_ids = frozenset(mc.eos_token_ids) | (self.tokenizer.eos_token_ids if self.tokenizer else frozenset())
         self.requests: dict[str, Request] = {}
         self._rng = np.random.default_rng(config.seed)
+        self._in_flight: _InFlight | None = None
+        self.async_scheduling = config.async_scheduling if config.async_scheduling is not None \
+            else self.runner.graphs is not None
         logger.info("engine ready in %.2f s: %s on %s, %d KV blocks (%d tokens), max_model_len %d",
                     time.perf_counter() - t0, mc.architecture, self.backend.name, num_blocks,
                     num_blocks * config.cache.block_size, self.max_model_len)
@@ -127,23 +138,69 @@ class LLMEngine:
     # the step
     def step(self) -> list[RequestOutput]:
         """Schedule, run, post-process. If running or post-processing raises, the requests scheduled in
-        this step fail (EngineStepError names them) and everything else stays as it was."""
+        this step fail (EngineStepError names them) and everything else stays as it was.
+
+        One step ahead (async scheduling): a decode step whose sampled ids are still on the GPU stays in
+        flight; the next call schedules and launches the following step behind it (each sequence's new
+        token is a placeholder the GPU fills in), and only then waits for the ids and post-processes them,
+        so the host's work overlaps the GPU's. A sequence that stops on that token has run one wasted row.
+        """
+        in_flight, self._in_flight = self._in_flight, None
         sched = self.scheduler.schedule()
-        if sched.is_empty:
-            return []
-        try:
-            sampling_seqs = [s.seq for s in sched.scheduled if s.samples]
-            tensors = self._sampling_tensors(sampling_seqs) if sampling_seqs else None
-            sampled = self.runner.execute(sched, tensors)
-            touched: dict[str, Request] = {}
+        touched: dict[str, Request] = {}
+        if in_flight is not None and (sched.is_empty or not self.runner.one_step_ahead(sched)):
+            self._land(in_flight, touched)  # this step needs the ids on the host
+            in_flight = None
+        result, sampling_seqs = None, []
+        if not sched.is_empty:
+            try:
+                sampling_seqs = [s.seq for s in sched.scheduled if s.samples]
+                tensors = self._sampling_tensors(sampling_seqs) if sampling_seqs else None
+                result = self.runner.execute(sched, tensors, defer=self.async_scheduling)
+            except FatalEngineError:
+                raise
+            except Exception as e:
+                if in_flight is not None:  # its tokens stay; their text goes out with a later output
+                    self._land(in_flight, touched)
+                raise self._fail_step(sched, e) from e
+        if in_flight is not None:
+            self._land(in_flight, touched)
+        if isinstance(result, DeferredSample):
+            outputs = [self._request_output(req) for req in touched.values()]
+            self._in_flight = _InFlight(sched, sampling_seqs, result)
             for row, seq in enumerate(sampling_seqs):
-                self._append_token(seq, sampled, row)
-                touched[seq.request_id] = self.requests[seq.request_id]
-            return [self._request_output(req) for req in touched.values()]
-        except FatalEngineError:
-            raise
+                self._add_placeholder(seq, row)
+            return outputs
+        if result is not None:
+            try:
+                self._append_all(sampling_seqs, result, touched)
+            except Exception as e:
+                raise self._fail_step(sched, e) from e
+        return [self._request_output(req) for req in touched.values()]
+
+    def _land(self, in_flight: _InFlight, touched: dict[str, Request]) -> None:
+        """Wait for an in-flight step's ids and post-process them."""
+        try:
+            self._append_all(in_flight.seqs, in_flight.sample.result(), touched)
         except Exception as e:
-            raise self._fail_step(sched, e) from e
+            raise self._fail_step(in_flight.sched, e) from e
+
+    def _append_all(self, seqs: list[Sequence], sampled, touched: dict[str, Request]) -> None:
+        for row, seq in enumerate(seqs):
+            if seq.is_finished:  # stopped by the step before (one step ahead), or aborted
+                continue
+            self._append_token(seq, sampled, row)
+            touched[seq.request_id] = self.requests[seq.request_id]
+
+    def _add_placeholder(self, seq: Sequence, row: int) -> None:
+        """A token for `seq` is in flight: hold its place so the next step can be scheduled, unless the
+        token ends the sequence by length whatever it is (then there is no next step for it)."""
+        p = seq.params
+        if seq.is_finished or (p.max_tokens is not None and seq.num_output_tokens + 1 >= p.max_tokens) \
+                or seq.num_tokens + 1 >= self.max_model_len:
+            return
+        seq.token_ids.append(-1)
+        seq.pending_row = row
 
     def _fail_step(self, sched: SchedulerOutput, cause: Exception) -> EngineStepError:
         """Fail every request with a sequence in the failed step; free their blocks, and make the prefix
@@ -171,7 +228,12 @@ class LLMEngine:
 
     def _append_token(self, seq: Sequence, sampled, row: int) -> None:
         token = int(sampled.token_ids[row])
-        seq.token_ids.append(token)
+        if seq.pending_row >= 0:  # the placeholder this token was scheduled under
+            seq.token_ids[-1] = token
+            seq.pending_row = -1
+            self.block_manager.token_replaced(seq, seq.num_tokens - 1)
+        else:
+            seq.token_ids.append(token)
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
         if seq.logprobs is not None:

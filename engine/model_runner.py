@@ -15,7 +15,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.models.llama import LlamaModel, expected_shapes
 from engine.scheduler import SchedulerOutput
 from ops.metadata import AttentionMetadata
-from ops.sampling import SamplerOutput, SamplingTensors
+from ops.sampling import DeferredSample, SamplerOutput, SamplingTensors
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class ModelRunner:
         self.stage_times["KV cache"] = time.perf_counter() - t0
         self.num_computed_tokens_total = 0  # tokens run through the model: tests check prefix hits skip work
         self.graphs = None
+        self._last_sampled = None  # numpy backend: the ids of its last deferred step
         if backend.name == "cuda" and not engine_config.enforce_eager:
             from graphs.manager import DecodeGraphs
             backend.prepare_decode(model_config, engine_config.scheduler.max_num_seqs, self.max_model_len)
@@ -97,19 +98,43 @@ class ModelRunner:
                                      up(meta.slot_mapping), meta.max_query_len, meta.max_seq_len)
         return up(input_ids), up(positions), dev_meta
 
-    def execute(self, sched: SchedulerOutput, sampling: SamplingTensors | None) -> SamplerOutput | None:
-        """Run one step. Returns sampled tokens for the sequences whose `samples` is true, in order."""
+    def one_step_ahead(self, sched: SchedulerOutput) -> bool:
+        """Whether `sched` can run before the previous step's sampled ids reach the host: a decode batch
+        that takes them on the device (a graph), or from the numpy backend's last result."""
+        if any(s.num_tokens != 1 for s in sched.scheduled):
+            return False
+        return self.backend.name == "numpy" or (self.graphs is not None
+                                                and len(sched.scheduled) <= self.graphs.max_size)
+
+    def execute(self, sched: SchedulerOutput, sampling: SamplingTensors | None, defer: bool = False
+                ) -> SamplerOutput | DeferredSample | None:
+        """Run one step. Returns sampled tokens for the sequences whose `samples` is true, in order.
+
+        A sequence with `pending_row` >= 0 has a placeholder as its last token: its id is row pending_row
+        of the previous step's sample, which must have been deferred (one_step_ahead(sched) is true).
+        defer: the step may return a DeferredSample (a decode batch without penalties or logprobs).
+        """
         b = self.backend
         input_ids, positions, meta = self.prepare(sched)
+        src = np.fromiter((s.seq.pending_row for s in sched.scheduled), np.int32, len(sched.scheduled))
+        src = src if (src >= 0).any() else None
         self.num_computed_tokens_total += len(input_ids)
         if self.graphs is not None and meta.max_query_len == 1 and len(input_ids) <= self.graphs.max_size:
-            return self.graphs.run(input_ids, positions, meta, sampling)  # every decode row samples
+            return self.graphs.run(input_ids, positions, meta, sampling, src, defer)  # every decode row samples
+        if src is not None:  # the numpy backend one step ahead: its last ids are already on the host
+            if meta.max_query_len != 1 or self._last_sampled is None:
+                raise RuntimeError("a placeholder token outside a decode step that follows a deferred one")
+            input_ids = np.where(src >= 0, self._last_sampled[np.maximum(src, 0)], input_ids).astype(np.int32)
         hidden = self.model.forward(*self.upload(input_ids, positions, meta), self.kv_caches)
         rows = [int(meta.query_start_loc[i + 1]) - 1 for i, s in enumerate(sched.scheduled) if s.samples]
         if not rows:
             return None
-        logits = self.model.compute_logits(hidden[b.from_host(np.asarray(rows, np.int32))])
-        return b.sample(logits, sampling)
+        out = b.sample(self.model.compute_logits(hidden[b.from_host(np.asarray(rows, np.int32))]), sampling)
+        if defer and b.name == "numpy" and meta.max_query_len == 1 and sampling.no_penalties \
+                and sampling.num_logprobs < 0:
+            self._last_sampled = out.token_ids
+            return DeferredSample(lambda: out)
+        return out
 
 
 def _fetcher(weights, backend):

@@ -61,6 +61,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n == 0:  # its last token is still being sampled and ends it (one step ahead): nothing to run
+                i += 1
+                continue
             while not self.block_manager.allocate(seq, n):
                 victim = self.running.pop()  # the newest running sequence gives way
                 self._preempt(victim)

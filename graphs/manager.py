@@ -1,5 +1,5 @@
 """Decode CUDA graphs: one per batch size, captured largest first into one private memory pool,
-replayed with the step's inputs copied into static buffers before each launch.
+replayed after one host->device copy of the step's packed inputs.
 
 A batch of n decodes replays the smallest captured size >= n; rows past n are padding that every
 kernel treats as a no-op (slot -1: no cache write; seq_len 0: no attention, zero output).
@@ -8,6 +8,11 @@ Sampling is part of each graph: the step's parameters are loaded into fixed devi
 launch (ops/cuda/sampling.SamplingBuffers), and the only copy back is the sampled ids. A batch asking for
 logprobs, or with more penalty history or logit-bias entries than the buffers hold, samples eagerly from
 the graph's logits instead (same kernel, same Philox draws: the same tokens).
+
+One step ahead: every graph writes its sampled ids to one device buffer, `sampled`, and its first node
+(ops/kernels/step_inputs.cu) takes a row's input id from there when the host marks it (src >= 0). So the
+engine can launch step t+1 before step t's ids reach the host; run(..., defer=True) returns a
+DeferredSample whose ids come back by an async copy the host waits for later.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import time
 import numpy as np
 
 from ops.metadata import AttentionMetadata
-from ops.sampling import SamplerOutput, SamplingTensors
+from ops.sampling import DeferredSample, SamplerOutput, SamplingTensors
 
 logger = logging.getLogger(__name__)
 
@@ -44,31 +49,39 @@ class DecodeGraphs:
         import cupy as cp  # graphs exist on the CUDA backend only
 
         from ops.cuda import sampling
+        from ops.cuda.compile import get_kernel
         self.cp = cp
         self._sampling = sampling
+        self._unpack = get_kernel("step_inputs.cu", "unpack_step_inputs")
         self.model = model
         self.kv_caches = kv_caches
         self.sizes = capture_sizes(max_num_seqs)
-        self.max_size = self.sizes[-1]
+        self.max_size = b = self.sizes[-1]
         self.max_model_len = max_model_len
-        b, max_blocks = self.max_size, -(-max_model_len // block_size)
+        self.max_blocks = -(-max_model_len // block_size)
         i32 = np.int32
-        # Static device inputs at the largest size; each graph reads a prefix of them.
-        self.input_ids = cp.zeros(b, i32)
-        self.positions = cp.zeros(b, i32)
-        self.slot_mapping = cp.full(b, -1, i32)
-        self.seq_lens = cp.zeros(b, i32)
+        # Packed inputs (step_inputs.cu's layout): one copy a step fills ids, positions, slots, seq_lens,
+        # src and the flat block tables; the model reads the first four in place.
+        self._words = 4 + 5 * b + b * self.max_blocks
+        self.packed = cp.zeros(self._words, i32)
+        rows = self.packed[4:4 + 5 * b].reshape(5, b)
+        rows[2:5:2] = -1  # slots and src: padding until the first step
+        self.input_ids, self.positions, self.slot_mapping, self.seq_lens, self.src = rows
         self.query_start_loc = cp.arange(b + 1, dtype=i32)  # one query row per sequence, always
-        self.block_tables = cp.zeros((b, max_blocks), i32)
+        self.block_tables = cp.zeros((b, self.max_blocks), i32)
+        self.sampled = cp.zeros(b, i32)  # every graph's sampled ids (a prefix); the next step's src reads it
         # Penalty history per row: prompt + output, so at most max_model_len ids.
         self.sampling_buffers = sampling.SamplingBuffers(b, vocab_size, min(max_model_len, max_history), max_bias)
+        # Two pinned copies of `packed` and of `sampled`: the host fills one while the other may be in flight.
+        self._staging = [_pinned(cp, self._words) for _ in range(2)]
+        self._results = [_pinned(cp, b) for _ in range(2)]
+        self._staged: list = [None, None]
+        self._slot = self._result_slot = 0
         self.graphs: dict[int, object] = {}
         self.logits: dict[int, object] = {}
-        self.token_ids: dict[int, object] = {}
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.pool = cp.cuda.MemoryPool()
         self.steps = self.steps_sampled_in_graph = 0
-        self._rows_live = 0  # rows holding a real sequence since the last replay: the rest are padding
         self.capture_seconds = 0.0
 
     def _meta(self, size: int) -> AttentionMetadata:
@@ -77,11 +90,13 @@ class DecodeGraphs:
                                  self.slot_mapping[:size], max_query_len=1, max_seq_len=self.max_model_len)
 
     def _forward(self, size: int):
+        self._unpack((-(-self.max_blocks // 128), size), (128,),
+                     (self.packed, np.int32(size), np.int32(self.max_size), self.sampled, self.block_tables,
+                      np.int32(self.max_blocks)))
         hidden = self.model.forward(self.input_ids[:size], self.positions[:size], self._meta(size), self.kv_caches)
         logits = self.model.compute_logits(hidden)
-        token_ids = self.cp.empty(size, np.int32)
-        self._sampling.sample(logits, self.sampling_buffers, token_ids)
-        return logits, token_ids
+        self._sampling.sample(logits, self.sampling_buffers, self.sampled[:size])
+        return logits
 
     def capture(self) -> None:
         """Capture every size, largest first so smaller graphs reuse the pool's blocks."""
@@ -91,47 +106,73 @@ class DecodeGraphs:
             for size in reversed(self.sizes):
                 self._forward(size)  # eager once: kernels loaded, cuBLASLt plans built, before capture
                 self.stream.begin_capture()
-                self.logits[size], self.token_ids[size] = self._forward(size)
+                self.logits[size] = self._forward(size)
                 self.graphs[size] = self.stream.end_capture()
         self.stream.synchronize()
         self.capture_seconds = time.perf_counter() - t0
         logger.info("captured %d decode graphs (%s) in %.3f s", len(self.sizes),
                     ", ".join(map(str, self.sizes)), self.capture_seconds)
 
+    def _stage(self, input_ids, positions, meta: AttentionMetadata, src, size: int, stream) -> None:
+        """Pack this step's inputs into pinned memory and copy them to `packed` (one async copy)."""
+        cp, b, n = self.cp, self.max_size, len(input_ids)
+        slot, self._slot = self._slot, self._slot ^ 1
+        if self._staged[slot] is not None:
+            self._staged[slot].synchronize()  # the copy that last read this staging buffer is done
+        host = self._staging[slot][1]
+        width = meta.block_tables.shape[1]
+        host[0] = width
+        rows = host[4:4 + 5 * b].reshape(5, b)
+        rows[0, :n], rows[1, :n], rows[2, :n], rows[3, :n] = input_ids, positions, meta.slot_mapping, meta.seq_lens
+        rows[4, :n] = -1 if src is None else src
+        rows[:, n:size] = _PADDING  # rows past n: no cache write, no attention, no gather
+        used = 4 + 5 * b + n * width
+        host[4 + 5 * b:used] = meta.block_tables.reshape(-1)
+        cp.cuda.runtime.memcpyAsync(self.packed.data.ptr, self._staging[slot][0].ptr, 4 * used,
+                                    cp.cuda.runtime.memcpyHostToDevice, stream.ptr)
+        self._staged[slot] = _record(cp, stream)
+
     def run(self, input_ids: np.ndarray, positions: np.ndarray, meta: AttentionMetadata,
-            sampling: SamplingTensors) -> SamplerOutput:
-        """Replay the graph for this decode batch (host arrays from ModelRunner.prepare) and sample."""
+            sampling: SamplingTensors, src: np.ndarray | None = None, defer: bool = False):
+        """Replay the graph for this decode batch (host arrays from ModelRunner.prepare) and sample.
+
+        src: per row, the row of the previous step's `sampled` that holds its input id (-1: input_ids has
+        it). defer: return a DeferredSample instead of waiting, when sampling ran inside the graph and no
+        row needs penalty history (which would need the ids still on their way).
+        """
         cp, n = self.cp, len(input_ids)
         size = padded_size(self.sizes, n)
         stream = cp.cuda.get_current_stream()
         in_graph = sampling.num_logprobs < 0 and self.sampling_buffers.fits(sampling)
         if in_graph:
             self.sampling_buffers.load(sampling)
-        self.input_ids[:n].set(input_ids, stream)
-        self.positions[:n].set(positions, stream)
-        self.slot_mapping[:n].set(meta.slot_mapping, stream)
-        self.seq_lens[:n].set(meta.seq_lens, stream)
-        width = meta.block_tables.shape[1]  # columns past it may be stale: seq_lens bound every read
-        self.block_tables[:n, :width] = cp.asarray(meta.block_tables)
-        if self._rows_live > n:  # rows a larger batch left behind become padding again
-            self.slot_mapping[n:self._rows_live] = -1
-            self.seq_lens[n:self._rows_live] = 0
-        self._rows_live = n
+        self._stage(input_ids, positions, meta, src, size, stream)
         self.graphs[size].launch(stream)
         self.steps += 1
         self.steps_sampled_in_graph += in_graph
-        if in_graph:
-            return SamplerOutput(self.token_ids[size][:n].get(stream), None, None, None)
-        return self._sampling.sample(self.logits[size][:n], sampling)
+        if not in_graph:
+            return self._sampling.sample(self.logits[size][:n], sampling)
+        if not (defer and sampling.no_penalties):
+            return SamplerOutput(self.sampled[:n].get(stream), None, None, None)
+        slot, self._result_slot = self._result_slot, self._result_slot ^ 1
+        mem, host = self._results[slot]
+        cp.cuda.runtime.memcpyAsync(mem.ptr, self.sampled.data.ptr, 4 * n, cp.cuda.runtime.memcpyDeviceToHost,
+                                    stream.ptr)
+        done = _record(cp, stream)
+
+        def wait() -> SamplerOutput:
+            done.synchronize()
+            return SamplerOutput(host[:n].copy(), None, None, None)
+        return DeferredSample(wait)
 
     def time_replay(self, n: int, context: int, iters: int = 50) -> float:
         """GPU milliseconds of one replay for n rows at `context` tokens each, on the block tables the last
         batch left (call after a batch of >= n rows that reached `context`); writes no cache slot."""
         cp, size = self.cp, padded_size(self.sizes, n)
         self.slot_mapping[:] = -1
+        self.src[:] = -1
         self.seq_lens[:] = 0
         self.seq_lens[:n] = context
-        self._rows_live = size
         stream = cp.cuda.get_current_stream()
         start, end = cp.cuda.Event(), cp.cuda.Event()
         self.graphs[size].launch(stream)  # warm
@@ -141,3 +182,17 @@ class DecodeGraphs:
         end.record(stream)
         end.synchronize()
         return cp.cuda.get_elapsed_time(start, end) / iters
+
+
+_PADDING = np.array([[0], [0], [-1], [0], [-1]], np.int32)  # id, position, slot, seq_len, src of a padding row
+
+
+def _pinned(cp, words: int):
+    mem = cp.cuda.alloc_pinned_memory(4 * words)
+    return mem, np.frombuffer(mem, np.int32, words)
+
+
+def _record(cp, stream):
+    event = cp.cuda.Event(disable_timing=True)
+    event.record(stream)
+    return event

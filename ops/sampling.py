@@ -28,6 +28,18 @@ class SamplerOutput:
     top_logprobs: np.ndarray | None  # float32[B, N]
 
 
+class DeferredSample:
+    """A launched step's sampled ids, still on their way to the host: result() waits for them."""
+
+    __slots__ = ("_wait",)
+
+    def __init__(self, wait):
+        self._wait = wait
+
+    def result(self) -> SamplerOutput:
+        return self._wait()
+
+
 _ROW_FIELDS = (("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32), ("min_p", np.float32),
                ("repetition_penalty", np.float32), ("frequency_penalty", np.float32),
                ("presence_penalty", np.float32), ("seeds", np.uint64), ("steps", np.int64))

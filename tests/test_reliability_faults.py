@@ -64,17 +64,17 @@ def test_failed_step_fails_its_requests_only_and_the_cache_forgets_its_blocks(en
     reference = LLMEngine(EngineConfig(**CONFIG)).generate([prompt], SamplingParams(**params))[0].outputs[0].text
     real_execute, fired = llm.runner.execute, threading.Event()
 
-    def execute(sched, tensors):
+    def execute(sched, tensors, **kw):
         seqs = [s.seq for s in sched.scheduled]
         a_runs = any(s.prompt_token_ids == prompt for s in seqs)
         c_waits = any(s.prompt_token_ids == prompt for s in llm.scheduler.waiting)
         if a_runs and c_waits and not fired.is_set():
             fired.set()
-            real_execute(sched, tensors)  # K/V written, then spoiled: a fault that left half-written blocks
+            real_execute(sched, tensors, **kw)  # K/V written, then spoiled: a fault that left half-written blocks
             for s in seqs:
                 llm.runner.kv_cache[:, :, s.block_table] = rng.standard_normal(1).astype(np.float32) * 1e3
             raise RuntimeError("injected fault")
-        return real_execute(sched, tensors)
+        return real_execute(sched, tensors, **kw)
     llm.runner.execute = execute
 
     async def main():
@@ -103,7 +103,7 @@ def test_failed_step_fails_its_requests_only_and_the_cache_forgets_its_blocks(en
 
 
 def test_repeated_faults_stop_the_engine_then_503(engine, srv):
-    def broken(sched, tensors):
+    def broken(sched, tensors, **kw):
         raise RuntimeError("device on fire")
     engine.engine.runner.execute = broken
     body = {"prompt": "x", "max_tokens": 4}
@@ -120,11 +120,11 @@ def test_repeated_faults_stop_the_engine_then_503(engine, srv):
 def test_one_fault_between_successes_keeps_the_engine_up(engine, srv):
     real_execute, calls = engine.engine.runner.execute, []
 
-    def every_other_request(sched, tensors):
+    def every_other_request(sched, tensors, **kw):
         calls.append(1)
         if len(calls) % 5 == 1:  # each 5-step request below meets a fault on its first step, every second time
             raise RuntimeError("flaky")
-        return real_execute(sched, tensors)
+        return real_execute(sched, tensors, **kw)
     engine.engine.runner.execute = every_other_request
     statuses = [srv.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 4, "ignore_eos": True},
                             key=None)[0] for _ in range(8)]
@@ -133,7 +133,7 @@ def test_one_fault_between_successes_keeps_the_engine_up(engine, srv):
 
 
 def test_fatal_error_stops_the_engine_at_once(engine, srv):
-    def lost(sched, tensors):
+    def lost(sched, tensors, **kw):
         raise FatalEngineError("device lost")
     engine.engine.runner.execute = lost
     status, raw = srv.request("POST", "/v1/completions", {"prompt": "x"}, key=None)
