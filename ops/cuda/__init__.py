@@ -13,6 +13,7 @@ from ops.cuda import attention as _attention
 from ops.cuda import basic as _basic
 from ops.cuda import sampling as _sampling
 from ops.cuda.linear import Linear
+from ops.cuda.upload import WeightUploader
 
 _STORAGE = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16), "float32": np.dtype(np.float32)}
 
@@ -44,10 +45,9 @@ class CudaBackend:
         return cp.asarray(to_storage(np.asarray(array, np.float32), self.dtype_name))
 
     def weight_loader(self, weights):
-        """A context giving name -> device weight for a CheckpointWeights (to be replaced by pinned,
-        overlapped uploads)."""
-        import contextlib
-        return contextlib.nullcontext(lambda name: self.weight(weights.get(name)))
+        """A context giving name -> device weight for a CheckpointWeights: the stored bits go through
+        pinned staging and async copies, and are rounded to the compute dtype on the GPU."""
+        return WeightUploader(weights, self.dtype_name)
 
     def random_weight(self, shape, seed: int, mean: float, std: float):
         """A dummy weight (--load-format dummy) generated on the GPU: 15 GB of 7B weights never touch the host."""
