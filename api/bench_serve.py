@@ -13,6 +13,7 @@ import asyncio
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -326,6 +327,9 @@ def run(args: argparse.Namespace) -> int:
             return 2
     import aiohttp
 
+    # Killed (`timeout`, a CI job's end), still stop a launched server: it runs in a session of its own, so
+    # nothing else would. SystemExit unwinds through bench()'s `finally`, which stops it.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         summary = asyncio.run(bench(args))
     except (S.BenchError, aiohttp.ClientError, OSError) as e:  # OSError: nothing listens at --base-url
@@ -340,6 +344,10 @@ def run(args: argparse.Namespace) -> int:
         with open(args.bench_jsonl, "a") as f:
             f.write(json.dumps(bench_report.history_entry(summary)) + "\n")
     return 1 if summary["completed"] == 0 else 0
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:

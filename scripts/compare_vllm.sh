@@ -8,7 +8,11 @@
 #   CONCURRENCY [16]  NUM_PROMPTS [256]  INPUT_LEN [512]  OUTPUT_LEN [128]  ENDPOINT [/v1/completions]
 #   OUT [compare-out]  PORT [a free one]  PYTHON [python3]  CUPYLLM_ARGS, VLLM_ARGS [extra serve flags]
 #   VLLM [auto]: auto runs vLLM when `vllm` is installed, skip never does
+#   LAUNCH_TIMEOUT [1800]: seconds each server may take to answer /health
+#   BENCH_JSONL: append cupyllm's headline figures to this file, as one line for scripts/record_history.py
 # On the CPU, short: CONCURRENCY=4 NUM_PROMPTS=16 INPUT_LEN=32 OUTPUT_LEN=16 scripts/compare_vllm.sh
+# A model without weights or tokenizer (a config.json alone): build a directory for it with
+#   python -m api.bench_model DIR --config perf/configs/qwen2.5-7b   and pass CUPYLLM_ARGS='--load-format dummy'
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -19,7 +23,7 @@ mkdir -p "$OUT"
 URL=http://127.0.0.1:$PORT
 LOAD=(--base-url "$URL" --model bench --endpoint "${ENDPOINT:-/v1/completions}"
       --concurrency "${CONCURRENCY:-16}" --num-prompts "${NUM_PROMPTS:-256}" --input-len "${INPUT_LEN:-512}"
-      --max-tokens "${OUTPUT_LEN:-128}" --ignore-eos --seed 0 --warmup 2 --launch-timeout 1800)
+      --max-tokens "${OUTPUT_LEN:-128}" --ignore-eos --seed 0 --warmup 2 --launch-timeout "${LAUNCH_TIMEOUT:-1800}")
 
 # vLLM needs the model's path; cupyllm's demo model lives in its cache once built.
 MODEL_PATH=$MODEL
@@ -29,6 +33,7 @@ fi
 
 echo "== cupyllm: ${MODEL:-the demo model} on $URL"
 "$PYTHON" scripts/loadtest.py "${LOAD[@]}" --label cupyllm --json "$OUT/cupyllm.json" --launch-log "$OUT/cupyllm.log" \
+  ${BENCH_JSONL:+--bench-jsonl "$BENCH_JSONL"} \
   --launch "$PYTHON -m api.cli serve $MODEL_PATH --host 127.0.0.1 --port $PORT --served-model-name bench ${CUPYLLM_ARGS:-}"
 results=("$OUT/cupyllm.json")
 
@@ -48,5 +53,10 @@ fi
 echo
 "$PYTHON" scripts/loadtest.py --compare "${results[@]}"
 prefix=$("$PYTHON" -c 'import sys; print(sys.prefix)')
-echo "python environment $prefix: $(du -sm "$prefix" 2>/dev/null | cut -f1) MiB on disk (everything installed in it)"
+if "$PYTHON" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)'; then
+  echo "python environment $prefix: $(du -sm "$prefix" 2>/dev/null | cut -f1) MiB on disk (everything installed in it)"
+else  # the system's Python: its prefix (/usr, say) holds the whole system, not what serving needs
+  echo "python environment $prefix: not a virtual environment, its size is not measured (scripts/env_size.sh" \
+       "measures a fresh one)"
+fi
 echo "JSON and server logs: $OUT/"
