@@ -57,22 +57,25 @@ def test_logits_match_transformers_fp32(arch, dtype, rounded_checkpoint, rng):
         ref = model(torch.tensor([ids])).logits[0].numpy()
     ours = to_float32(_all_logits(engine, ids))
     rel, agree = _compare(ours, ref)
-    if dtype == "float16":
-        print(f"{arch} {dtype}: max rel err {rel:.2e}, teacher-forced argmax agreement {agree:.3f}")
-        assert rel < 2e-2 and agree >= 0.99
-        return
-    # bfloat16 keeps 8 bits of mantissa: on these models transformers itself, run in bf16 on the same
-    # files, lands at 2-5e-2 and 93-99% agreement (measured on the CPU). The yardstick is that run, on
-    # the same prompt. Two sound bf16 runs of transformers itself, differing only in the attention kernel
-    # (eager vs sdpa), land up to 1.64x apart in max error and 1.24x in RMS error on the same prompt
-    # (scripts/bf16_yardstick.py, perf/logs/bf16_yardstick_cpu.log): so max error within 2x, RMS within 1.5x.
+    # transformers itself, run in the same low precision on the same files and prompt: the yardstick.
     with torch.no_grad():
-        hf_low = copy.deepcopy(model).to(torch.bfloat16)(torch.tensor([ids])).logits[0].float().numpy()
+        hf_low = copy.deepcopy(model).to(getattr(torch, dtype))(torch.tensor([ids])).logits[0].float().numpy()
     hf_rel, hf_agree = _compare(hf_low, ref)
     rms, hf_rms = _rms_rel(ours, ref), _rms_rel(hf_low, ref)
-    print(f"{arch} {dtype}: max rel err {rel:.2e} (transformers bf16: {hf_rel:.2e}), rms rel err {rms:.2e} "
-          f"({hf_rms:.2e}), argmax agreement {agree:.3f} (transformers bf16: {hf_agree:.3f})")
-    assert rms < 1.5 * hf_rms and rel < max(2e-2, 2 * hf_rel) and agree >= min(0.99, hf_agree - 0.025)
+    print(f"{arch} {dtype}: max rel err {rel:.2e} (transformers {dtype}: {hf_rel:.2e}), rms rel err {rms:.2e} "
+          f"({hf_rms:.2e}), argmax agreement {agree:.3f} (transformers {dtype}: {hf_agree:.3f})")
+    # Argmax agreement: 99%, unless transformers' own run misses it on this prompt. On these tiny random
+    # models many positions have near-tied top logits, so any rounding flips some: transformers in fp16
+    # agrees with its fp32 run on 96.7-100% of positions, in bf16 on 93-99% (scripts/bf16_yardstick.py).
+    assert agree >= min(0.99, hf_agree - 0.025)
+    if dtype == "float16":
+        assert rel < 2e-2
+        return
+    # bfloat16 keeps 8 bits of mantissa: transformers in bf16 lands at 2-5e-2 max error, so the bar is
+    # its run. Two sound bf16 runs of transformers itself, differing only in the attention kernel (eager
+    # vs sdpa), land up to 1.64x apart in max error and 1.24x in RMS error on the same prompt
+    # (perf/logs/bf16_yardstick_cpu.log): so max error within 2x, RMS within 1.5x.
+    assert rms < 1.5 * hf_rms and rel < max(2e-2, 2 * hf_rel)
 
 
 def _compare(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
