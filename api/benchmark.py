@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     for n in ns:
         measure(engine, rng, vocab, n, args.input_len, 8)  # warm-up: same shapes, few tokens
         r = measure(engine, rng, vocab, n, args.input_len, args.output_len)
-        r.update(n=n, input_len=args.input_len, output_len=args.output_len, startup_s=round(startup, 2))
+        r.update(n=n, input_len=args.input_len, output_len=args.output_len, startup_s=round(startup, 2),
+                 async_scheduling=engine.async_scheduling)
         graphs = engine.runner.graphs
         if graphs is not None and n <= graphs.max_size:
             # The GPU's share of a decode step: the graph alone, at the run's median context.

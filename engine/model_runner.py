@@ -47,7 +47,9 @@ class ModelRunner:
         self._last_sampled = None  # numpy backend: the ids of its last deferred step
         if backend.name == "cuda" and not engine_config.enforce_eager:
             from graphs.manager import DecodeGraphs
+            t0 = time.perf_counter()
             backend.prepare_decode(model_config, engine_config.scheduler.max_num_seqs, self.max_model_len)
+            self.stage_times["GEMM tuning"] = time.perf_counter() - t0
             self.graphs = DecodeGraphs(self.model, self.kv_caches, engine_config.scheduler.max_num_seqs,
                                        self.max_model_len, self.block_size, model_config.vocab_size)
             self.graphs.capture()

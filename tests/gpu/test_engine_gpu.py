@@ -112,6 +112,12 @@ def test_graph_replay_equals_eager(checkpoint, rng):
 
 
 def test_mixed_batch_with_prefix_hits_and_preemption_matches_alone(checkpoint, rng):
+    """Each sequence's greedy tokens in a busy batch (prefill chunks, prefix hits, preemption, one step
+    ahead) equal its tokens alone, except where fp16 rounding meets a near tie. The engine is not batch
+    invariant: cuBLASLt picks its algorithm per batch size, so a batch rounds differently than a lone
+    sequence (scripts/batch_invariance.py on the H100: 2 of 20 sequences part ways, the same with one
+    step ahead off). So the first token where they part must be a near tie: its two candidates within
+    0.5% of the largest logit when the common prefix is run through again."""
     path, _ = checkpoint("llama3_scaled")
     shared = rng.integers(0, VOCAB, 40).tolist()
     prompts = [shared + rng.integers(0, VOCAB, n).tolist() for n in (2, 9, 30)] + \
@@ -123,6 +129,14 @@ def test_mixed_batch_with_prefix_hits_and_preemption_matches_alone(checkpoint, r
         alone.append(e.generate([p], params)[0].outputs[0].token_ids)
     busy = _engine(path, "float16", max_num_batched_tokens=24, num_kv_blocks=16)
     together = [o.outputs[0].token_ids for o in busy.generate(prompts, params)]
-    assert busy.scheduler.num_preemptions > 0
+    assert busy.scheduler.num_preemptions > 0 and busy.async_scheduling
     assert max(o.num_cached_tokens for o in busy.generate(prompts[:2], params)) >= 32
-    assert together == alone
+    probe = _engine(path, "float16", enforce_eager=True)
+    for p, a, t in zip(prompts, alone, together):
+        k = next((i for i, (x, y) in enumerate(zip(a, t)) if x != y), None)
+        if k is None:
+            continue
+        logits = to_float32(_all_logits(probe, p + a[:k]))[-1]
+        gap = (logits[a[k]] - logits[t[k]]) / np.abs(logits).max()
+        print(f"prompt of {len(p)} tokens: parts at token {k}, candidates {gap:.2e} apart")
+        assert abs(gap) < 5e-3, (k, gap)
