@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,8 @@ import cupy as cp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cuda_timing import time_eager, time_graph  # noqa: E402
 from ops import reference  # noqa: E402
 from ops.cuda import basic  # noqa: E402
 
@@ -103,37 +104,6 @@ def bytes_moved(op: str, t: int, m) -> tuple[int, int]:
 
 MAKERS = {"rms_norm": make_rms_norm, "add_rms_norm": make_add_rms_norm, "silu_and_mul": make_silu_and_mul,
           "rope_and_cache": make_rope_and_cache, "embedding": make_embedding}
-
-
-def time_graph(launches, stream, reps: int) -> float:
-    """Median per-launch microseconds of a graph replaying `launches` in order."""
-    stream.begin_capture()
-    for launch in launches:
-        launch()
-    graph = stream.end_capture()
-    start, end = cp.cuda.Event(), cp.cuda.Event()
-    graph.launch(stream)
-    stream.synchronize()
-    times = []
-    for _ in range(reps):
-        start.record(stream)
-        graph.launch(stream)
-        end.record(stream)
-        end.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, end) * 1e3 / len(launches))
-    return statistics.median(times)
-
-
-def time_eager(launches, stream, reps: int) -> float:
-    start, end = cp.cuda.Event(), cp.cuda.Event()
-    times = []
-    for r in range(reps):
-        start.record(stream)
-        launches[r % len(launches)]()
-        end.record(stream)
-        end.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, end) * 1e3)
-    return statistics.median(times)
 
 
 def cpu_cost(launch, stream, calls: int = 200) -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,8 @@ import cupy as cp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cuda_timing import time_eager, time_graph  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from ops.cuda import sampling as gpu  # noqa: E402
 from ops.sampling import SamplingTensors  # noqa: E402
@@ -61,37 +62,6 @@ def tensors(params: SamplingParams, batch: int, rng) -> SamplingTensors:
     return SamplingTensors.build(rows, VOCAB)
 
 
-def time_graph(launches, stream, reps: int) -> float:
-    """Median per-launch microseconds of a graph replaying `launches` in order."""
-    stream.begin_capture()
-    for launch in launches:
-        launch()
-    graph = stream.end_capture()
-    start, end = cp.cuda.Event(), cp.cuda.Event()
-    graph.launch(stream)
-    stream.synchronize()
-    times = []
-    for _ in range(reps):
-        start.record(stream)
-        graph.launch(stream)
-        end.record(stream)
-        end.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, end) * 1e3 / len(launches))
-    return statistics.median(times)
-
-
-def time_eager(launch, stream, reps: int) -> float:
-    start, end = cp.cuda.Event(), cp.cuda.Event()
-    times = []
-    for _ in range(reps):
-        start.record(stream)
-        launch()
-        end.record(stream)
-        end.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, end) * 1e3)
-    return statistics.median(times)
-
-
 def run_case(name: str, batch: int, dtype: str, buffers, stream, reps: int, rng) -> dict:
     params, shape = CASES[name]
     t = tensors(params, batch, rng)
@@ -113,7 +83,7 @@ def run_case(name: str, batch: int, dtype: str, buffers, stream, reps: int, rng)
     paths = np.bincount(cp.asnumpy(stats[:, 3]).astype(int), minlength=4).tolist()
     us = time_graph([launches[k % n_sets] for k in range(max(n_sets, MIN_LAUNCHES))], stream, reps)
     us_l2 = time_graph([launches[0]] * MIN_LAUNCHES, stream, reps)
-    us_eager = time_eager(launches[0], stream, 3 * reps)
+    us_eager = time_eager(launches[:1], stream, 3 * reps)
     gbps = set_bytes / us / 1e3
     return {"bench": f"sample_{name}", "shape": f"B={batch},V={VOCAB}", "batch": batch, "dtype": dtype,
             "us": round(us, 2), "us_l2": round(us_l2, 2), "us_eager": round(us_eager, 2),

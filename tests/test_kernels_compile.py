@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from ops.kernel_source import kernel_source
+
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "ops" / "kernels"
 KERNELS = sorted(KERNEL_DIR.glob("*.cu"))
 ARCHS = ("sm_80", "sm_89", "sm_90a")
@@ -35,6 +37,15 @@ def _compile(path: Path, arch: str, defines: list[str]) -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}"
     return proc.stderr  # ptxas -v reports go to stderr
+
+
+def test_kernels_compile_as_nvrtc_gets_them(tmp_path):
+    """kernel_source pastes the headers in: each file compiles alone, away from ops/kernels/."""
+    for path in KERNELS:
+        alone = tmp_path / path.name
+        alone.write_text(kernel_source(path.name))
+        assert '#include "' not in alone.read_text()
+        _compile(alone, "sm_90a", _variants(path)[0])
 
 
 def test_there_are_kernels_to_check():

@@ -6,12 +6,11 @@ CuPy's on-disk kernel cache makes a second start load each module in well under 
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import cupy as cp
 import numpy as np
 
-KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
+from ops.kernel_source import kernel_source
 
 # numpy dtype -> the CUDA C type name the kernels are specialised with (-DT=...)
 CUDA_TYPES = {np.dtype(np.float16): "half", np.dtype(np.float32): "float"}
@@ -28,7 +27,7 @@ def cuda_type(dtype) -> str:
 @functools.cache
 def load_module(filename: str, defines: tuple[tuple[str, object], ...] = ()) -> cp.RawModule:
     """Compile (or load from CuPy's cache) `ops/kernels/<filename>` with `-DNAME=VALUE` per define."""
-    source = (KERNEL_DIR / filename).read_text()
+    source = kernel_source(filename)
     options = ("-std=c++17",) + tuple(f"-D{name}={value}" for name, value in defines)
     module = cp.RawModule(code=source, options=options)
     module.compile()  # now, not at the first launch: a launch may be inside a graph capture

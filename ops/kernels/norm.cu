@@ -6,32 +6,11 @@
 // the row crosses HBM once and every load is issued before the block-wide reduction waits.
 // Defines: DTYPE (half | __nv_bfloat16), VPT (16-byte vectors per thread: 1, 2, 4 or 8; blockDim <= 512).
 // nvcc-variants: -DDTYPE=half -DVPT=1; -DDTYPE=__nv_bfloat16 -DVPT=2; -DDTYPE=half -DVPT=4; -DDTYPE=__nv_bfloat16 -DVPT=8
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
+#include "vec.cuh"
 
-typedef unsigned long long u64;  // NVRTC has no <cstddef>
-
-#ifndef DTYPE
-#define DTYPE half
-#endif
 #ifndef VPT
 #define VPT 1
 #endif
-
-template <typename S> struct PairOf;
-template <> struct PairOf<__half> { typedef __half2 type; };
-template <> struct PairOf<__nv_bfloat16> { typedef __nv_bfloat162 type; };
-typedef PairOf<DTYPE>::type pair_t;
-
-__device__ __forceinline__ float2 to_float2(__half2 v) { return __half22float2(v); }
-// bf16 -> f32 is a 16-bit shift; spelled out because sm_90's cvt path made ptxas keep every converted
-// value live across the reduction (twice the registers, spills at VPT 8)
-__device__ __forceinline__ float2 to_float2(__nv_bfloat162 v) {
-    const unsigned u = *reinterpret_cast<const unsigned *>(&v);
-    return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
-}
-__device__ __forceinline__ void from_float2(float2 f, __half2 &o) { o = __float22half2_rn(f); }
-__device__ __forceinline__ void from_float2(float2 f, __nv_bfloat162 &o) { o = __float22bfloat162_rn(f); }
 
 // the k-th pair (k < 4) of elements in a 16-byte vector
 __device__ __forceinline__ float2 pair_at(const uint4 &v, int k) {

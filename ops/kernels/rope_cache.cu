@@ -11,14 +11,8 @@
 // shuffle inside the group; a block holds whole groups, so a group is all in range or all out.
 // Defines: DTYPE (half | __nv_bfloat16), HEAD_DIM (32, 64, 128, 256), BLOCK_SIZE, QK_NORM (0 | 1).
 // nvcc-variants: -DDTYPE=half -DHEAD_DIM=128; -DDTYPE=__nv_bfloat16 -DHEAD_DIM=128 -DQK_NORM=1; -DDTYPE=half -DHEAD_DIM=64 -DQK_NORM=1; -DDTYPE=__nv_bfloat16 -DHEAD_DIM=32 -DQK_NORM=1; -DDTYPE=half -DHEAD_DIM=256 -DQK_NORM=1
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
+#include "vec.cuh"
 
-typedef unsigned long long u64;  // NVRTC has no <cstddef>
-
-#ifndef DTYPE
-#define DTYPE half
-#endif
 #ifndef HEAD_DIM
 #define HEAD_DIM 128
 #endif
@@ -33,22 +27,6 @@ constexpr int HALF = HEAD_DIM / 2;
 constexpr int PAIRS = 4;              // rotation pairs per lane
 constexpr int TPH = HALF / PAIRS;     // lanes per head
 static_assert(TPH >= 1 && TPH <= 32 && (TPH & (TPH - 1)) == 0, "HEAD_DIM must be 8 * a power of two, at most 256");
-
-template <typename S> struct PairOf;
-template <> struct PairOf<__half> { typedef __half2 type; };
-template <> struct PairOf<__nv_bfloat16> { typedef __nv_bfloat162 type; };
-typedef DTYPE scalar_t;
-typedef PairOf<DTYPE>::type pair_t;
-
-__device__ __forceinline__ float2 to_float2(__half2 v) { return __half22float2(v); }
-// bf16 -> f32 is a 16-bit shift; spelled out because sm_90's cvt path made ptxas keep every converted
-// value live across the reduction (twice the registers, spills at VPT 8)
-__device__ __forceinline__ float2 to_float2(__nv_bfloat162 v) {
-    const unsigned u = *reinterpret_cast<const unsigned *>(&v);
-    return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
-}
-__device__ __forceinline__ void from_float2(float2 f, __half2 &o) { o = __float22half2_rn(f); }
-__device__ __forceinline__ void from_float2(float2 f, __nv_bfloat162 &o) { o = __float22bfloat162_rn(f); }
 
 // 4 consecutive DTYPE elements (8 bytes) <-> 4 floats
 __device__ __forceinline__ void unpack4(const uint2 &v, float (&f)[4]) {
