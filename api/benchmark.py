@@ -52,10 +52,13 @@ def run(args: argparse.Namespace) -> int:
           + ", ".join(f"{k} {v:.2f} s" for k, v in engine.stage_times.items()))
     rng = np.random.default_rng(args.seed)
     vocab = engine.model_config.vocab_size
-    rows = []
+    rows, cold_start = [], None
     for n in ns:
-        measure(engine, rng, vocab, n, args.input_len, 8)  # warm-up: same shapes, few tokens
+        warm = measure(engine, rng, vocab, n, args.input_len, 8)  # warm-up: same shapes, few tokens
+        if cold_start is None and (started := process_start_epoch()) is not None:
+            cold_start = round(warm["first_token_epoch"] - started, 2)  # process start to the first token
         r = measure(engine, rng, vocab, n, args.input_len, args.output_len)
+        del r["first_token_epoch"]
         r.update(n=n, input_len=args.input_len, output_len=args.output_len, startup_s=round(startup, 2),
                  async_scheduling=engine.async_scheduling)
         graphs = engine.runner.graphs
@@ -66,9 +69,39 @@ def run(args: argparse.Namespace) -> int:
         print(f"N={n:<4} {r['tok_s']:>9.1f} tok/s  TTFT {r['ttft_ms']:>8.1f} ms  "
               f"step p50 {r['step_ms_p50']:.2f} ms p95 {r['step_ms_p95']:.2f} ms"
               + (f"  graph alone {r['graph_ms']:.2f} ms" if "graph_ms" in r else ""))
+    resources = resource_figures(engine, cold_start)
+    for r in rows:
+        r.update(resources)
     print_table(rows)
+    print("cold start to first token {} s, CPU RSS {} MiB (peak {} MiB), GPU memory {} MiB".format(
+        *(resources.get(k, "-") for k in ("cold_start_first_token_s", "rss_mib", "rss_peak_mib", "gpu_memory_mib"))))
     record(rows, args, engine)
     return 0
+
+
+def process_start_epoch() -> float | None:
+    """When this process started (Linux /proc), as a time.time() value; None elsewhere."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, after the comm field
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def resource_figures(engine, cold_start: float | None) -> dict:
+    """Cold start to first token, CPU RSS now and at peak, and the GPU memory in use (CUDA only)."""
+    from api.bench_target import memory_kib
+    rss, hwm = memory_kib([os.getpid()])
+    out = {"rss_mib": round(rss / 1024, 1), "rss_peak_mib": round(hwm / 1024, 1)} if rss else {}
+    if cold_start is not None:
+        out["cold_start_first_token_s"] = cold_start
+    if engine.backend.name == "cuda":
+        free, total = engine.backend.memory_info()
+        out["gpu_memory_mib"] = round((total - free) / 2**20, 1)
+    return out
 
 
 def measure(engine, rng, vocab: int, n: int, input_len: int, output_len: int) -> dict:
@@ -79,11 +112,13 @@ def measure(engine, rng, vocab: int, n: int, input_len: int, output_len: int) ->
     first_token: dict[str, float] = {}
     for i in range(n):
         engine.add_request(f"bench-{n}-{output_len}-{i}", rng.integers(0, vocab, input_len).tolist(), params)
-    steps, tokens = [], 0
+    steps, tokens, first_epoch = [], 0, None
     while engine.has_unfinished_requests():
         t = time.perf_counter()
         outs = engine.step()
         now = time.perf_counter()
+        if outs and first_epoch is None:
+            first_epoch = time.time()
         for out in outs:
             tokens += sum(len(o.token_ids) for o in out.outputs)
             first_token.setdefault(out.request_id, now)
@@ -92,7 +127,7 @@ def measure(engine, rng, vocab: int, n: int, input_len: int, output_len: int) ->
     wall = time.perf_counter() - start
     decode = np.array(steps[1:] or [0.0]) * 1e3  # the step that produced the last first token is a prefill
     ttft = np.array(list(first_token.values())) - start
-    return dict(tok_s=round(tokens / wall, 1), output_tokens=tokens, wall_s=round(wall, 3),
+    return dict(first_token_epoch=first_epoch, tok_s=round(tokens / wall, 1), output_tokens=tokens, wall_s=round(wall, 3),
                 ttft_ms=round(float(np.median(ttft)) * 1e3, 1), step_ms_p50=round(float(np.median(decode)), 3),
                 step_ms_p95=round(float(np.percentile(decode, 95)), 3))
 

@@ -22,6 +22,9 @@ def test_benchmark_with_dummy_weights_and_no_tokenizer(tmp_path, capsys):
         assert r["output_tokens"] == r["n"] * 7, "every request makes exactly output-len tokens (ignore_eos)"
         assert r["tok_s"] > 0 and r["ttft_ms"] > 0 and r["step_ms_p95"] >= r["step_ms_p50"] > 0
         assert r["card"] == "cpu" and r["bench"] == "engine_benchmark" and "--load-format dummy" in r["command"]
+        # process start (here: pytest's) to the first token, and this process's resident memory
+        assert r["cold_start_first_token_s"] > 0 and r["rss_peak_mib"] >= r["rss_mib"] > 10
+        assert "gpu_memory_mib" not in r  # the numpy backend has no GPU memory to report
     assert "tok/s" in capsys.readouterr().out
 
 
