@@ -44,6 +44,9 @@ def test_flags_map_onto_engine_config():
     cfg = cli.engine_config(serve_args("--model", "/models/m", "--enable-prefix-caching", "--dtype", "float"))
     assert (cfg.model, cfg.enable_prefix_caching, cfg.dtype) == ("/models/m", True, "float32")
     assert cli.engine_config(serve_args()).model == ""  # the engine picks the demo model
+    # one step ahead: the engine decides (on where graphs run) unless the flag says
+    assert [cli.engine_config(serve_args(*flag)).async_scheduling
+            for flag in ((), ("--async-scheduling",), ("--no-async-scheduling",))] == [None, True, False]
 
 
 @pytest.mark.parametrize("argv,field,message", [

@@ -155,10 +155,14 @@ def test_full_waiting_queue_answers_503_with_retry_after(limited):
 
 
 # KV exhaustion
-def test_kv_exhaustion_completes_through_preemption_with_identical_outputs(tmp_path, rng):
+ONE_STEP_AHEAD = pytest.mark.parametrize("schedule", ["--no-async-scheduling", "--async-scheduling"])
+
+
+@ONE_STEP_AHEAD
+def test_kv_exhaustion_completes_through_preemption_with_identical_outputs(tmp_path, rng, schedule):
     """16 blocks (256 tokens) for 8 concurrent requests of ~200 tokens each: they preempt each other
-    (recompute) many times, and each output equals the same request run alone."""
-    srv = start_server(tmp_path, "--max-model-len", "256", "--num-gpu-blocks-override", "16")
+    (recompute) many times, and each output equals the same request run alone. Also one step ahead."""
+    srv = start_server(tmp_path, "--max-model-len", "256", "--num-gpu-blocks-override", "16", schedule)
     try:
         bodies = [{"prompt": " ".join(rng.choice(["tea", "stone", "river", "light"], 6)), "max_tokens": 190,
                    "temperature": 1.0, "seed": int(rng.integers(2 ** 31)), "ignore_eos": True} for _ in range(8)]
@@ -233,11 +237,12 @@ async def _client(port: int, rng: np.random.Generator, i: int) -> str:
     return str(mode)
 
 
-def test_hundreds_of_random_disconnects_leave_nothing_behind(tmp_path, rng):
+@ONE_STEP_AHEAD
+def test_hundreds_of_random_disconnects_leave_nothing_behind(tmp_path, rng, schedule):
     """3 rounds of 200 clients (64 at a time, 16 sequences running, the rest queued) leaving at random points.
     After each round nothing runs or waits and the KV cache is empty; RSS after the last round is within a
     few MB of RSS after the first (the first round warms allocator pools and caches)."""
-    srv = start_server(tmp_path, "--max-model-len", "512", "--max-num-seqs", "16")
+    srv = start_server(tmp_path, "--max-model-len", "512", "--max-num-seqs", "16", schedule)
     try:
         async def round_(r: int) -> dict:
             gate = asyncio.Semaphore(64)
