@@ -89,9 +89,10 @@ class LLMEngine:
         self._in_flight: _InFlight | None = None
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None \
             else self.runner.graphs is not None
-        logger.info("engine ready in %.2f s: %s on %s, %d KV blocks (%d tokens), max_model_len %d",
-                    time.perf_counter() - t0, mc.architecture, self.backend.name, num_blocks,
-                    num_blocks * config.cache.block_size, self.max_model_len)
+        logger.info("engine ready in %.2f s: %s on %s, %d KV blocks (%d tokens), max_model_len %d, "
+                    "decode graphs %s, one step ahead %s", time.perf_counter() - t0, mc.architecture,
+                    self.backend.name, num_blocks, num_blocks * config.cache.block_size, self.max_model_len,
+                    "on" if self.runner.graphs is not None else "off", "on" if self.async_scheduling else "off")
 
     # requests
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
