@@ -14,6 +14,7 @@ import numpy as np
 from engine.config import EngineConfig, ModelConfig
 from engine.models.llama import LlamaModel, expected_shapes
 from engine.scheduler import SchedulerOutput
+from ops.backend import merging
 from ops.metadata import AttentionMetadata
 from ops.sampling import DeferredSample, SamplerOutput, SamplingTensors
 
@@ -140,9 +141,10 @@ class ModelRunner:
 
 
 def _fetcher(weights, backend):
-    """A context giving name -> backend array: generated on the backend for dummy weights, else the
-    backend's checkpoint loader (on the GPU: pinned staging and async copies, see ops/cuda/upload.py)."""
+    """A context giving fetch(*names) -> backend array (several names: merged along the first axis):
+    generated on the backend for dummy weights, else the backend's checkpoint loader (on the GPU: pinned
+    staging and async copies, see ops/cuda/upload.py)."""
     from engine.loader import DummyWeights
     if isinstance(weights, DummyWeights):
-        return contextlib.nullcontext(lambda name: backend.random_weight(*weights.spec(name)))
+        return contextlib.nullcontext(merging(lambda name: backend.random_weight(*weights.spec(name)), backend.xp))
     return backend.weight_loader(weights)

@@ -42,8 +42,8 @@ class NumpyBackend:
         return np.array(array, dtype=self.dtype, order="C")
 
     def weight_loader(self, weights):
-        """A context giving name -> weight for a CheckpointWeights (ModelRunner loads through it)."""
-        return contextlib.nullcontext(lambda name: self.weight(weights.get(name)))
+        """A context giving fetch(*names) -> weight for a CheckpointWeights (ModelRunner loads through it)."""
+        return contextlib.nullcontext(merging(lambda name: self.weight(weights.get(name)), np))
 
     def random_weight(self, shape, seed: int, mean: float, std: float) -> np.ndarray:
         """A dummy weight (--load-format dummy) drawn from a seeded normal."""
@@ -64,6 +64,13 @@ class NumpyBackend:
     rope_and_cache = staticmethod(reference.rope_and_cache)
     attention = staticmethod(reference.attention)
     sample = staticmethod(sampling.sample)
+
+
+def merging(fetch_one, xp):
+    """fetch(*names) from a one-tensor fetch: several names are merged along the first axis (q/k/v, gate/up)."""
+    def fetch(*names):
+        return fetch_one(names[0]) if len(names) == 1 else xp.concatenate([fetch_one(n) for n in names])
+    return fetch
 
 
 def cuda_available() -> bool:

@@ -68,16 +68,17 @@ class LlamaModel:
         self.scale = config.head_dim ** -0.5
 
     def load_weights(self, fetch: Callable[[str], Any]) -> None:
-        """`fetch(name)` returns checkpoint tensor `name` as a backend array in the compute dtype;
-        q/k/v and gate/up are merged here, on the backend."""
-        c, xp = self.config, self.backend.xp
+        """`fetch(name)` returns checkpoint tensor `name` as a backend array in the compute dtype, and
+        `fetch(a, b, ...)` those tensors merged along their first axis (q/k/v, gate/up): on the GPU each
+        is uploaded straight into its rows of the merged weight."""
+        c = self.config
         self.embed = fetch("model.embed_tokens.weight")
         self.final_norm = fetch("model.norm.weight")
         self.lm_head = self.embed if c.tie_word_embeddings else fetch("lm_head.weight")
         self.layers = []
         for i in range(c.num_hidden_layers):
             p = f"model.layers.{i}."
-            merged = lambda *names: xp.concatenate([fetch(p + n) for n in names])  # noqa: E731
+            merged = lambda *names: fetch(*(p + n for n in names))  # noqa: E731
             self.layers.append(LayerWeights(
                 input_norm=fetch(p + "input_layernorm.weight"),
                 qkv=merged("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),

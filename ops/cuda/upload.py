@@ -16,6 +16,7 @@ import math
 import cupy as cp
 import numpy as np
 
+from engine.loader import WeightsError
 from engine.progress import Progress
 from engine.safetensors import DTYPES, FLOAT_DTYPES
 
@@ -94,7 +95,8 @@ def float_bytes(weights) -> tuple[int, int]:
 
 class WeightUploader:
     """`with WeightUploader(weights, "bfloat16") as fetch: fetch(name)` -> tensor `name` of a CheckpointWeights
-    as a new C-contiguous device array in the compute dtype, ready for work on the stream current at the call.
+    as a new C-contiguous device array in the compute dtype, ready for work on the stream current at the call;
+    `fetch(a, b, c)` -> those tensors merged along their first axis, each uploaded into its rows.
 
     The host waits only for a staging buffer's previous copy; leaving the context waits for the copy
     stream and releases the pinned buffers.
@@ -138,31 +140,50 @@ class WeightUploader:
             else:
                 self.progress.close()
 
-    def __call__(self, name: str):
-        raw, stored = self.weights.get_raw(name)  # WeightsError (naming file and tensor) if not a float tensor
-        kernel = _convert_kernel(stored, self.dtype_name)
+    def __call__(self, *names: str):
+        """Tensor `names[0]`, or several tensors merged along their first axis (q/k/v, gate/up): each is
+        uploaded straight into its rows of one new array, so the merge costs no copy and no temporary."""
+        shapes = [tuple(self.weights.info(name)[2]) for name in names]
+        if not shapes:
+            raise ValueError("fetch needs at least one tensor name")
+        shape = shapes[0]
+        if len(names) > 1:
+            if any(len(s) == 0 or s[1:] != shape[1:] for s in shapes):
+                raise WeightsError(f"cannot merge {', '.join(names)} along the first axis: shapes "
+                                   f"{', '.join(str(list(s)) for s in shapes)}")
+            shape = (sum(s[0] for s in shapes), *shape[1:])
+        out = cp.empty(shape, _STORAGE[self.dtype_name])
         compute = cp.cuda.get_current_stream()
-        if kernel is not None and self._scratch is None:
-            self._scratch = cp.empty(self.chunk_bytes, np.uint8)
-        out = cp.empty(raw.shape, _STORAGE[self.dtype_name])
         # The pool hands out blocks freed on the compute stream that its queued work may still read: the
         # copy stream writes `out` (and the scratch) only after that work.
         self._compute_ready.record(compute)
         self.stream.wait_event(self._compute_ready)
-        source, out_bits = raw.reshape(-1), out.view(np.uint16).reshape(-1)
+        flat, at = out.view(np.uint16).reshape(-1), 0
+        for name in names:
+            at += self._fill(name, flat, at)
+        self._uploaded.record(self.stream)
+        compute.wait_event(self._uploaded)
+        return out
+
+    def _fill(self, name: str, out_bits, at: int) -> int:
+        """Upload tensor `name` into out_bits[at:] (uint16 elements of the destination); returns its size."""
+        raw, stored = self.weights.get_raw(name)  # WeightsError (naming file and tensor) if not a float tensor
+        kernel = _convert_kernel(stored, self.dtype_name)
+        if kernel is not None and self._scratch is None:
+            self._scratch = cp.empty(self.chunk_bytes, np.uint8)
+        source, base = raw.reshape(-1), out_bits.data.ptr + 2 * at
         step = self.chunk_bytes // raw.itemsize  # elements a chunk
         for start in range(0, source.size, step):
             chunk = source[start:start + step]
             if kernel is None:
-                self._upload(chunk, out.data.ptr + start * raw.itemsize)
+                self._upload(chunk, base + start * raw.itemsize)
             else:
                 self._upload(chunk, self._scratch.data.ptr)
                 with self.stream:  # stream order: after this chunk's copy, before the next chunk's
-                    kernel(self._scratch[:chunk.nbytes].view(_BITS[stored]), out_bits[start:start + chunk.size])
+                    kernel(self._scratch[:chunk.nbytes].view(_BITS[stored]),
+                           out_bits[at + start:at + start + chunk.size])
             self.progress.update(chunk.nbytes)
-        self._uploaded.record(self.stream)
-        compute.wait_event(self._uploaded)
-        return out
+        return source.size
 
     def _upload(self, chunk: np.ndarray, device_ptr: int) -> None:
         slot, self._slot = self._slot, self._slot ^ 1

@@ -82,13 +82,22 @@ def _assert_same_bits(got, want, what: str) -> None:
 @pytest.mark.parametrize("stored", STORED)
 def test_uploaded_bits_equal_the_host_path(stored, dtype, tmp_path, rng):
     tensors = {"edges": _stored(EDGES, stored), "random": _random_bits(rng, stored, (37, 259)),
-               "one": _random_bits(rng, stored, (1,)), "empty": np.zeros((0, 8), _VIEW[stored])}
+               "more": _random_bits(rng, stored, (5, 259)), "one": _random_bits(rng, stored, (1,)),
+               "empty": np.zeros((0, 8), _VIEW[stored])}
     path = _write_checkpoint(tmp_path, tensors, dict.fromkeys(tensors, stored))
     backend = CudaBackend(dtype)
     with CheckpointWeights(path) as weights:
         with WeightUploader(weights, dtype, staging_bytes=TINY_STAGING) as fetch:
             assert fetch.chunk_bytes == TINY_STAGING and tensors["random"].nbytes > 4 * TINY_STAGING
             got = {name: fetch(name) for name in tensors}
+            # merged on the way (q/k/v, gate/up): each tensor straight into its rows
+            merged = {("random", "more"): fetch("random", "more"), ("one", "edges"): fetch("one", "edges")}
+            with pytest.raises(WeightsError, match="cannot merge random, edges"):
+                fetch("random", "edges")
+        for names, array in merged.items():
+            want = cp.concatenate([_host_path(backend, weights, name) for name in names])
+            assert array.flags.c_contiguous and array.base is None
+            _assert_same_bits(array, want, f"{stored} {'+'.join(names)} -> {dtype}")
         for name, array in got.items():
             want = _host_path(backend, weights, name)
             assert array.dtype == want.dtype == backend.dtype
