@@ -16,6 +16,7 @@ from engine.config import EngineConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.loader import CheckpointWeights, WeightsError  # noqa: E402
 from engine.safetensors import float32_to_bf16_bits, save_file  # noqa: E402
+from ops.backend import merging  # noqa: E402
 from ops.cuda import CudaBackend  # noqa: E402
 from ops.cuda.upload import WeightUploader  # noqa: E402
 from tests.conftest import VOCAB  # noqa: E402
@@ -187,7 +188,7 @@ def test_engine_loads_the_same_weights_and_logits_as_the_host_path(arch, dtype, 
     uploaded = {name: array.copy() for name, array in _model_arrays(runner.model).items()}
     logits = cp.asnumpy(_all_logits(engine, ids))
     with CheckpointWeights(path) as weights:  # load again, the old way, into the same model and GEMM plans
-        runner.model.load_weights(lambda name: runner.backend.weight(weights.get(name)))
+        runner.model.load_weights(merging(lambda name: runner.backend.weight(weights.get(name)), cp))
     runner.backend.synchronize()
     host_path = _model_arrays(runner.model)
     assert uploaded.keys() == host_path.keys()
