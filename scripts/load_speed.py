@@ -52,7 +52,7 @@ def main() -> None:
         merging(lambda name: self.weight(w.get(name)), cp))
     old = min(start(out) for _ in range(2))
     result = dict(bench="weight_load", checkpoint_gb=round(gb, 3), gpu_loader_s=round(new, 3),
-                  gpu_loader_gb_s=round(gb / new, 2), host_path_s=round(old, 3), host_path_gb_s=round(gb / old, 2))
+                  gpu_loader_gbps=round(gb / new, 2), host_path_s=round(old, 3), host_path_gbps=round(gb / old, 2))
     print(json.dumps(result))
 
 
