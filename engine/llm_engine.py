@@ -196,9 +196,7 @@ class LLMEngine:
     def _add_placeholder(self, seq: Sequence, row: int) -> None:
         """A token for `seq` is in flight: hold its place so the next step can be scheduled, unless the
         token ends the sequence by length whatever it is (then there is no next step for it)."""
-        p = seq.params
-        if seq.is_finished or (p.max_tokens is not None and seq.num_output_tokens + 1 >= p.max_tokens) \
-                or seq.num_tokens + 1 >= self.max_model_len:
+        if seq.is_finished or self._ends_by_length(seq, pending=1):
             return
         seq.token_ids.append(-1)
         seq.pending_row = row
@@ -252,9 +250,14 @@ class LLMEngine:
             self._finish(seq, state, "stop", token)
         elif stop is not None:
             self._finish(seq, state, "stop", stop)
-        elif (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) \
-                or seq.num_tokens >= self.max_model_len:
+        elif self._ends_by_length(seq):
             self._finish(seq, state, "length", None)
+
+    def _ends_by_length(self, seq: Sequence, pending: int = 0) -> bool:
+        """Whether `seq`, with `pending` more tokens, has reached max_tokens or max_model_len."""
+        max_tokens = seq.params.max_tokens
+        return (max_tokens is not None and seq.num_output_tokens + pending >= max_tokens) \
+            or seq.num_tokens + pending >= self.max_model_len
 
     def _finish(self, seq: Sequence, state: SequenceOutputState, reason: str, stop_reason) -> None:
         if reason != "stop" or not isinstance(stop_reason, str):

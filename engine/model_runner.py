@@ -106,8 +106,11 @@ class ModelRunner:
         that takes them on the device (a graph), or from the numpy backend's last result."""
         if any(s.num_tokens != 1 for s in sched.scheduled):
             return False
-        return self.backend.name == "numpy" or (self.graphs is not None
-                                                and len(sched.scheduled) <= self.graphs.max_size)
+        return self.backend.name == "numpy" or self._replays(len(sched.scheduled), 1)
+
+    def _replays(self, num_seqs: int, max_query_len: int) -> bool:
+        """Whether a step of this shape replays a decode graph (else it runs eagerly)."""
+        return self.graphs is not None and max_query_len == 1 and num_seqs <= self.graphs.max_size
 
     def execute(self, sched: SchedulerOutput, sampling: SamplingTensors | None, defer: bool = False
                 ) -> SamplerOutput | DeferredSample | None:
@@ -122,7 +125,7 @@ class ModelRunner:
         src = np.fromiter((s.seq.pending_row for s in sched.scheduled), np.int32, len(sched.scheduled))
         src = src if (src >= 0).any() else None
         self.num_computed_tokens_total += len(input_ids)
-        if self.graphs is not None and meta.max_query_len == 1 and len(input_ids) <= self.graphs.max_size:
+        if self._replays(len(input_ids), meta.max_query_len):
             return self.graphs.run(input_ids, positions, meta, sampling, src, defer)  # every decode row samples
         if src is not None:  # the numpy backend one step ahead: its last ids are already on the host
             if meta.max_query_len != 1 or self._last_sampled is None:
@@ -133,8 +136,7 @@ class ModelRunner:
         if not rows:
             return None
         out = b.sample(self.model.compute_logits(hidden[b.from_host(np.asarray(rows, np.int32))]), sampling)
-        if defer and b.name == "numpy" and meta.max_query_len == 1 and sampling.no_penalties \
-                and sampling.num_logprobs < 0:
+        if defer and b.name == "numpy" and meta.max_query_len == 1 and sampling.ids_only:
             self._last_sampled = out.token_ids
             return DeferredSample(lambda: out)
         return out

@@ -152,7 +152,7 @@ class DecodeGraphs:
         self.steps_sampled_in_graph += in_graph
         if not in_graph:
             return self._sampling.sample(self.logits[size][:n], sampling)
-        if not (defer and sampling.no_penalties):
+        if not (defer and sampling.ids_only):
             return SamplerOutput(self.sampled[:n].get(stream), None, None, None)
         slot, self._result_slot = self._result_slot, self._result_slot ^ 1
         mem, host = self._results[slot]

@@ -87,6 +87,12 @@ class SamplingTensors:
                                  or self.presence_penalty.any())
         self.no_top_k_p = bool((greedy | ((self.top_k == 0) & (self.top_p >= 1))).all())
 
+    @property
+    def ids_only(self) -> bool:
+        """Only the sampled ids need to reach the host, and no later step needs this step's ids there: no
+        logprobs, no penalty history. Such a step can be read back one step late."""
+        return self.no_penalties and self.num_logprobs < 0
+
     @classmethod
     def build(cls, rows: Sequence[tuple], vocab_size: int) -> SamplingTensors:
         """rows: (params: SamplingParams, prompt_ids, output_ids, seed: int, banned_ids) per sequence."""
