@@ -12,13 +12,12 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
 from tests import test_perf_history as history
+from tests.server_process import REPO, launch_server, stop_process
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "sk-load-" + os.urandom(6).hex()
 LATENCY_KEYS = [f"{stat}_{m}_ms" for m in ("ttft", "tpot", "itl", "e2el")
                 for stat in ("mean", "median", "p95", "p99", "p95_spread")] + \
@@ -68,32 +67,13 @@ def check_result(r: dict, *, requests: int | None, input_len: int, max_tokens: i
         assert r["gpu_memory_peak_mib"] >= 0 and r["gpu_memory_source"] in ("process", "device")
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-    return value
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The demo model behind an API key on an ephemeral port: (base URL, pid)."""
     log_path = tmp_path_factory.mktemp("loadtest") / "server.log"
-    cmd = [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--device", "numpy",
-           "--api-key", KEY]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-
-    def port():
-        assert proc.poll() is None, log_path.read_text()
-        found = re.search(r"ready in [\d.]+ s: serving \S+ on http://127\.0\.0\.1:(\d+)", log_path.read_text())
-        return found and int(found.group(1))
-    url = f"http://127.0.0.1:{wait_for(port, 60, 'the server to start')}"
-    yield url, proc.pid
-    proc.terminate()
-    proc.wait(30)
+    proc, port = launch_server(["--device", "numpy", "--api-key", KEY], log_path)
+    yield f"http://127.0.0.1:{port}", proc.pid
+    stop_process(proc, 30)
 
 
 def run(args: list[str], timeout: float = 90) -> subprocess.CompletedProcess:

@@ -8,11 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -20,7 +18,8 @@ import aiohttp
 import numpy as np
 import pytest
 
-from tests.test_server import REPO, Server, parse_sse, wait_until
+from tests.server_process import launch_server, stop_process, wait_until
+from tests.test_server import Server, parse_sse
 
 KEY = "sk-rel-" + os.urandom(8).hex()
 VOCAB = 1024  # the demo model's
@@ -49,27 +48,12 @@ def start_server(tmp_dir, *flags: str, key: str | None = KEY, name: str = "demo"
     env.pop("VLLM_API_KEY", None)
     if key is not None:
         env["CUPYLLM_API_KEY"] = key
-    cmd = [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--device", "numpy",
-           "--served-model-name", name, *flags]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    srv = Server(0, proc, log_path)
-
-    def ready_port():
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{srv.log()}")
-        found = re.search(r"ready in [\d.]+ s: serving .* on http://127\.0\.0\.1:(\d+)", srv.log())
-        return found and int(found.group(1))
-    return KeyedServer(wait_until(ready_port, timeout, "the server to start"), proc, log_path, key)
+    proc, port = launch_server(["--device", "numpy", "--served-model-name", name, *flags], log_path, env, timeout)
+    return KeyedServer(port, proc, log_path, key)
 
 
 def stop_server(srv: Server, allow_tracebacks: bool = False) -> None:
-    srv.proc.terminate()
-    try:
-        srv.proc.wait(15)
-    except subprocess.TimeoutExpired:
-        srv.proc.kill()
-        srv.proc.wait()
+    if not stop_process(srv.proc, 15):
         pytest.fail("the server did not exit within 15 s of SIGTERM")
     if not allow_tracebacks:
         assert "Traceback" not in srv.log(), srv.log()

@@ -19,7 +19,8 @@ from engine.config import EngineConfig
 from engine.errors import FatalEngineError
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from tests.test_server import parse_sse, wait_until
+from tests.server_process import wait_until
+from tests.test_server import parse_sse
 from tests.test_server_app import ThreadedServer
 
 CONFIG = dict(device="numpy", max_model_len=256, max_num_seqs=2)

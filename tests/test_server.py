@@ -13,7 +13,6 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -21,25 +20,14 @@ import aiohttp
 import openai
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.server_process import launch_server, stop_process, wait_until
+
 KEY = "sk-test-" + os.urandom(8).hex()
 NAMES = ("demo", "demo-alias")
 MAX_MODEL_LEN = 1024
 MAX_BODY = 256 * 1024
 STREAM_TOKENS = 48  # per request of the 64-stream test
 WORDS = "the quick brown fox jumps over lazy dog river stone light morning tea".split()
-
-
-def wait_until(predicate, timeout: float, what: str):
-    """Poll `predicate` until it returns something truthy; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def parse_sse(raw: bytes) -> list[dict]:
@@ -118,25 +106,11 @@ def server(tmp_path_factory):
     """`cupyllm serve` on an ephemeral port, which it reports in its "ready" log line."""
     log_path = str(tmp_path_factory.mktemp("server") / "server.log")
     env = {**os.environ, "CUPYLLM_API_KEY": KEY, "NO_PROXY": "127.0.0.1"}
-    cmd = [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-           "--served-model-name", *NAMES, "--max-model-len", str(MAX_MODEL_LEN),
-           "--max-request-body-bytes", str(MAX_BODY), "--device", "numpy"]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    srv = Server(0, proc, log_path)
-
-    def ready_port():
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{srv.log()}")
-        found = re.search(r"ready in [\d.]+ s: serving demo, demo-alias on http://127\.0\.0\.1:(\d+)", srv.log())
-        return found and int(found.group(1))
-    srv = Server(wait_until(ready_port, 60, "the server to start"), proc, log_path)
+    proc, port = launch_server(["--served-model-name", *NAMES, "--max-model-len", str(MAX_MODEL_LEN),
+                                "--max-request-body-bytes", str(MAX_BODY), "--device", "numpy"], log_path, env)
+    srv = Server(port, proc, log_path)
     yield srv
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_process(proc, 10)
     assert "Traceback" not in srv.log(), srv.log()
 
 

@@ -9,9 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -25,20 +22,11 @@ openai = pytest.importorskip("openai")
 from engine.config import EngineConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
+from tests.server_process import launch_server, stop_process  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NAME = "tiny"
 MAX_MODEL_LEN, MAX_NUM_SEQS, MAX_TOKENS = 512, 8, 40
 WORDS = "the lighthouse keeper woke before gulls and walked down to the harbour where boats rocked".split()
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-    return value
 
 
 class Reference:
@@ -72,28 +60,14 @@ def server(reference, tmp_path_factory):
     """The real server process on an ephemeral port: its base URL."""
     path, _ = reference
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [sys.executable, "-m", "api.cli", "serve", path, "--device", "cuda", "--dtype", "float16",
-           "--host", "127.0.0.1", "--port", "0", "--served-model-name", NAME,
-           "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS)]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "NO_PROXY": "127.0.0.1"},
-                                stdout=log, stderr=subprocess.STDOUT)
-
-    def ready_port():
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        found = re.search(rf"ready in [\d.]+ s: serving {NAME} on http://127\.0\.0\.1:(\d+)", log_path.read_text())
-        return found and int(found.group(1))
+    proc, port = launch_server([path, "--device", "cuda", "--dtype", "float16", "--served-model-name", NAME,
+                                "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS)],
+                               log_path, {**os.environ, "NO_PROXY": "127.0.0.1"}, timeout=120)
     try:
-        port = wait_until(ready_port, 120, "the server to start")
         print("server", re.search(r"ready in [\d.]+ s(?=: serving)", log_path.read_text()).group(0))
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 30)
     log = log_path.read_text()
     assert "Traceback" not in log, log[-4000:]
 
