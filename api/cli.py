@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 from api import bench_serve, benchmark  # standard library and numpy only at import
+from api.bench_target import positive_int
 
 logger = logging.getLogger("cupyllm")
 
@@ -26,13 +27,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 class CLIError(Exception):
     """A flag value cupyllm cannot honour; main() prints it and exits with status 2."""
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def _fraction(text: str) -> float:
@@ -52,16 +46,16 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="name(s) clients use in 'model'; the first is reported in responses (default: --model)")
     p.add_argument("--dtype", default="auto", choices=("auto", "half", "float16", "bfloat16", "float", "float32"),
                    help="weight and activation dtype; auto: the checkpoint's torch_dtype")
-    p.add_argument("--max-model-len", type=_positive_int, help="context length (default: the model's)")
-    p.add_argument("--max-num-seqs", type=_positive_int, default=256, help="most sequences in one batch")
-    p.add_argument("--max-num-batched-tokens", type=_positive_int, help="token budget of one engine step")
+    p.add_argument("--max-model-len", type=positive_int, help="context length (default: the model's)")
+    p.add_argument("--max-num-seqs", type=positive_int, default=256, help="most sequences in one batch")
+    p.add_argument("--max-num-batched-tokens", type=positive_int, help="token budget of one engine step")
     p.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9,
                    help="fraction of GPU memory for weights, activations and the KV cache")
-    p.add_argument("--num-gpu-blocks-override", type=_positive_int, help="number of KV-cache blocks")
-    p.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV-cache block (only 16)")
+    p.add_argument("--num-gpu-blocks-override", type=positive_int, help="number of KV-cache blocks")
+    p.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV-cache block (only 16)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"))
     p.add_argument("--quantization", "-q", default=None, help="weight quantization method (none supported yet)")
-    p.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1)
+    p.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse KV blocks of shared prompt prefixes (default: on)")
     p.add_argument("--enforce-eager", action="store_true", help="never replay CUDA graphs")
@@ -79,9 +73,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generation-config", default="auto",
                    help="auto: use the model's generation_config.json; vllm: ignore it")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
-    p.add_argument("--max-request-body-bytes", type=_positive_int, default=32 * 1024 * 1024,
+    p.add_argument("--max-request-body-bytes", type=positive_int, default=32 * 1024 * 1024,
                    help="larger request bodies get a 413 (cupyllm's own flag)")
-    p.add_argument("--max-waiting-requests", type=_positive_int, default=4096,
+    p.add_argument("--max-waiting-requests", type=positive_int, default=4096,
                    help="sequences that may wait for the batch; past it new requests get 503 with Retry-After "
                         "(cupyllm's own flag)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
