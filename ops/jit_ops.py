@@ -1,0 +1,147 @@
+"""The model's elementwise and row-reduction ops written in the JIT language (ops/jit): embedding, RMSNorm,
+add + RMSNorm, SiLU-and-mul, RoPE (+ Qwen3's q/k norm) with the KV-cache write. One generated kernel each.
+
+Each takes numpy or CuPy arrays (the interpreter or the GPU runs the same definition) with the argument lists of
+ops/reference.py. Attention's tensor-core loops and the sampler's sort stay hand CUDA (ops/kernels/): the
+language has no matrix-multiply or cross-program primitives.
+"""
+from __future__ import annotations
+
+from ops import jit
+from ops.jit import BlockSpec
+
+SILU_CONFIGS = [dict(block=b) for b in (1024, 512, 2048, 4096)]
+
+
+def _row(h):
+    return BlockSpec((None, h), lambda i, *_: (i, 0))
+
+
+def _whole(h):
+    return BlockSpec((h,), lambda *_: (0,))
+
+
+def _embedding(ids, table_ref, out_ref):
+    out_ref[...] = table_ref[...]
+
+
+def embedding(ids, table, out) -> None:
+    """out[t] = table[ids[t]]; an id outside [0, V) gives a zero row (a masked load), never a fault."""
+    h = table.shape[1]
+    jit.pallas_call(_embedding, grid=(ids.shape[0],), num_scalar_prefetch=1,
+                    in_specs=[BlockSpec((None, h), lambda i, ids: (ids[i], 0))], out_specs=[_row(h)],
+                    name="embedding")(ids, table, out)
+
+
+def _rms_norm(x_ref, w_ref, out_ref, *, eps):
+    x = x_ref[...]
+    out_ref[...] = x * jit.rsqrt(jit.mean(x * x) + eps) * w_ref[...]
+
+
+def rms_norm(x, weight, eps: float, out) -> None:
+    h = x.shape[1]
+    jit.pallas_call(_rms_norm, grid=(x.shape[0],), in_specs=[_row(h), _whole(h)], out_specs=[_row(h)],
+                    name="rms_norm")(x, weight, out, eps=float(eps))
+
+
+def _add_rms_norm(x_ref, res_ref, w_ref, out_ref, *, eps):
+    r = (x_ref[...] + res_ref[...]).astype(res_ref.dtype)  # the norm is of the residual as stored
+    res_ref[...] = r
+    out_ref[...] = r * jit.rsqrt(jit.mean(r * r) + eps) * w_ref[...]
+
+
+def add_rms_norm(x, residual, weight, eps: float, out) -> None:
+    """residual += x (rounded to its dtype, in place); out = rms_norm(residual)."""
+    h = x.shape[1]
+    jit.pallas_call(_add_rms_norm, grid=(x.shape[0],), in_specs=[_row(h), _row(h), _whole(h)],
+                    out_specs=[_row(h)], name="add_rms_norm")(x, residual, weight, out, eps=float(eps))
+
+
+def _silu_and_mul(gate_ref, up_ref, out_ref):
+    g = gate_ref[...]
+    out_ref[...] = g / (1.0 + jit.exp(-g)) * up_ref[...]
+
+
+@jit.autotune(SILU_CONFIGS, key=lambda x, out: (out.shape[1], str(out.dtype), min(out.shape[0], 512)), writes=(1,))
+def _silu_launch(x, out, *, block):
+    t, inter = out.shape
+    block = min(block, 1 << (inter - 1).bit_length())
+    halves = x.reshape(t, 2, inter)  # gate | up
+    jit.pallas_call(_silu_and_mul, grid=(t, -(-inter // block)),
+                    in_specs=[BlockSpec((None, None, block), lambda i, j: (i, 0, j)),
+                              BlockSpec((None, None, block), lambda i, j: (i, 1, j))],
+                    out_specs=[BlockSpec((None, block), lambda i, j: (i, j))], name="silu_and_mul")(halves, halves, out)
+
+
+def silu_and_mul(x, out) -> None:
+    """out = silu(gate) * up with x = [gate | up]: [T, 2I] -> [T, I]; column blocks autotuned, ragged edge masked."""
+    if x.shape != (out.shape[0], 2 * out.shape[1]):
+        raise ValueError(f"silu_and_mul: x has shape {x.shape}, expected (T, 2*I) = {(out.shape[0], 2 * out.shape[1])}")
+    _silu_launch(x, out)
+
+
+def _rope_cache(pos, slots, lo_ref, hi_ref, cos_ref, sin_ref, qn_lo, qn_hi, kn_lo, kn_hi,
+                kc_lo, kc_hi, vc_lo, vc_hi, *, eps, group, qk_norm):
+    j = jit.program_id(1)  # which heads: q heads j*Hkv.. for j < group, then the k heads, then the v heads
+    v1 = x1 = lo_ref[...]
+    v2 = x2 = hi_ref[...]
+    is_q, is_k, is_v = j < group, j == group, j == group + 1
+    if qk_norm:  # a Python flag: traced once per value
+        inv = jit.rsqrt((jit.sum(x1 * x1) + jit.sum(x2 * x2)) * (1.0 / (2 * x1.shape[1])) + eps)
+        x1 = x1 * inv * jit.where(is_q, qn_lo[...], kn_lo[...])
+        x2 = x2 * inv * jit.where(is_q, qn_hi[...], kn_hi[...])
+    c, s = cos_ref[...], sin_ref[...]
+    o1, o2 = x1 * c - x2 * s, x2 * c + x1 * s
+    rotate = is_q | is_k
+    lo_ref.store(o1, mask=rotate)
+    hi_ref.store(o2, mask=rotate)
+    kc_lo.store(o1, mask=is_k)
+    kc_hi.store(o2, mask=is_k)
+    vc_lo.store(v1, mask=is_v)  # v as it came: no norm, no rotation
+    vc_hi.store(v2, mask=is_v)
+
+
+def rope_and_cache(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin, q_norm=None, k_norm=None,
+                   eps: float = 1e-6) -> None:
+    """ops/reference.rope_and_cache: rotate q, k in place (neox halves), optional per-head RMSNorm first, write k, v
+    to the paged cache at slot_mapping (slot -1: not written). Programs: (token, head group of Hkv heads)."""
+    nb, hkv, bs, d = k_cache.shape
+    t, width = qkv.shape
+    hq = width // d - 2 * hkv
+    if width % d or hq <= 0 or hq % hkv:
+        raise ValueError(f"rope_and_cache: qkv width {width} is not (Hq + 2 * {hkv}) * {d} with Hq a multiple of {hkv}")
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("rope_and_cache: q_norm and k_norm go together (both or neither)")
+    half = d // 2
+    heads = qkv.reshape(t, hq + 2 * hkv, 2, half)
+    table = cos_sin.reshape(cos_sin.shape[0], 2, half)
+    kc, vc = k_cache.reshape(nb, hkv, bs, 2, half), v_cache.reshape(nb, hkv, bs, 2, half)
+    if t == 0:
+        return
+    norms = (q_norm, k_norm) if q_norm is not None else (qkv[0, :d],) * 2  # stand-ins, never read
+    qn, kn = (w.reshape(2, half) for w in norms)
+
+    def block(part):
+        return BlockSpec((None, hkv, None, half), lambda i, j, p, s: (i, j, part, 0))
+
+    def trig(part):
+        return BlockSpec((None, None, half), lambda i, j, p, s: (p[i], part, 0))
+
+    def weight(part):
+        return BlockSpec((None, half), lambda i, j, p, s: (part, 0))
+
+    def cache(part):
+        return BlockSpec((None, hkv, None, None, half), lambda i, j, p, s: (s[i] // bs, 0, s[i] % bs, part, 0))
+
+    body = _bind(_rope_cache, group=hq // hkv, qk_norm=q_norm is not None)
+    jit.pallas_call(body, grid=(t, hq // hkv + 2), num_scalar_prefetch=2,
+                    in_specs=[block(0), block(1), trig(0), trig(1), weight(0), weight(1), weight(0), weight(1)],
+                    out_specs=[cache(0), cache(1), cache(0), cache(1)],
+                    name=f"rope_cache{'_qknorm' if q_norm is not None else ''}")(
+        positions, slot_mapping, heads, heads, table, table, qn, qn, kn, kn, kc, kc, vc, vc, eps=float(eps))
+
+
+def _bind(fn, **static):
+    """fn with compile-time keyword arguments (part of the trace key, unlike runtime scalars)."""
+    import functools
+    return functools.partial(fn, **static)
