@@ -22,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cuda_timing import time_eager, time_graph  # noqa: E402
 from ops import reference  # noqa: E402
-from ops.cuda import basic  # noqa: E402
+from ops.cuda import basic, basic_hand  # noqa: E402
+
+IMPLS = {"jit": basic, "hand": basic_hand}
 
 CEILING_GBPS = 2990.0  # device-to-device copy on the H100 (../shared/GPU.md)
 L2_BYTES = 50e6
@@ -144,27 +146,6 @@ def run_case(op: str, t: int, dtype: str, stream, reps: int, make=None) -> dict:
             "footprint_mb": round(n_sets * set_bytes / 1e6, 1)}
 
 
-def sweep_norm(stream, reps: int, dtype: str = "float16") -> None:
-    """Block-size sweep of the norm kernels (a tuning aid for basic.NORM_THREADS): us at each thread cap."""
-    n_vec = QWEN["H"] * 2 // basic.VEC
-    print(f"norm sweep, {dtype}: us per launch in a graph (inputs rotated) at block-size caps")
-    for op in ("rms_norm", "add_rms_norm"):
-        for t in (64, 256, 4096):
-            cells = []
-            for cap in (64, 128, 256, 512):
-                grid, block, vpt = basic.norm_launch(t, n_vec, cap)
-                kernel = basic._kernel("norm.cu", op + "_kernel", (("DTYPE", "half"), ("VPT", vpt)))
-
-                def make(t, dtype, m, kernel=kernel, grid=grid, block=block):
-                    bufs = [random_act((t, m["H"]), dtype) for _ in range(3 if op == "add_rms_norm" else 2)]
-                    w = random_act((m["H"],), dtype)
-                    args = (*bufs[:-1], w, bufs[-1]) if op == "add_rms_norm" else (bufs[0], w, bufs[1])
-                    return lambda: kernel(grid, block, (*args, np.int32(n_vec), np.float32(1e-6)))
-                r = run_case(op, t, dtype, stream, reps, make)
-                cells.append(f"cap {cap} (VPT {vpt}, {block[0]} thr): {r['us']:.2f}")
-            print(f"  {op:<13} T={t:<5} " + " | ".join(cells), flush=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", help="append one JSON object per case to this file")
@@ -172,7 +153,8 @@ def main() -> None:
     parser.add_argument("--ops", default=",".join(MAKERS), help="comma-separated subset of " + ",".join(MAKERS))
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--sweep-norm", action="store_true", help="also time the norm kernels at each block size")
+    parser.add_argument("--impl", default="jit", help="jit (ops/jit_ops.py, what the engine runs), hand (the "
+                        "hand-written kernels they replaced, ops/cuda/basic_hand.py) or both, comma-separated")
     args = parser.parse_args()
     cp.random.seed(0)
     card = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
@@ -183,22 +165,22 @@ def main() -> None:
         copy_gbps = max(memcpy_gbps, kernel_gbps)
         print(f"{card}: copy measured here {memcpy_gbps:.0f} GB/s (cudaMemcpy), {kernel_gbps:.0f} GB/s (copy kernel); "
               f"H100 ceiling {CEILING_GBPS:.0f} GB/s; Qwen2.5-7B shapes")
-        print(f"{'op':<15} {'T':>5} {'dtype':<9} {'us':>8} {'us_l2':>8} {'eager':>8} {'cpu_us':>7} {'GB/s':>7} "
+        print(f"{'impl':<5} {'op':<15} {'T':>5} {'dtype':<9} {'us':>8} {'us_l2':>8} {'eager':>8} {'cpu_us':>7} {'GB/s':>7} "
               f"{'%2.99T':>7} {'%copy':>6}")
+        global basic
         for dtype in args.dtype or ["float16"]:
             for op in args.ops.split(","):
-                for t in map(int, args.tokens.split(",")):
+                for t, impl in ((t, impl) for t in map(int, args.tokens.split(",")) for impl in args.impl.split(",")):
+                    basic = IMPLS[impl]  # the launches look `basic` up when they run, inside run_case
                     r = run_case(op, t, dtype, stream, args.reps)
-                    r.update(card=card, copy_gbps_here=round(copy_gbps, 1),
+                    r.update(card=card, copy_gbps_here=round(copy_gbps, 1), impl=impl,
                              pct_copy_here=round(100 * r["gbps"] / copy_gbps, 1))
                     rows.append(r)
-                    print(f"{op:<15} {t:>5} {dtype:<9} {r['us']:>8.2f} {r['us_l2']:>8.2f} {r['us_eager']:>8.2f} "
+                    print(f"{impl:<5} {op:<15} {t:>5} {dtype:<9} {r['us']:>8.2f} {r['us_l2']:>8.2f} {r['us_eager']:>8.2f} "
                           f"{r['cpu_us']:>7.1f} {r['gbps']:>7.0f} {r['pct_ceiling']:>6.1f}% "
                           f"{r['pct_copy_here']:>5.1f}%", flush=True)
                 _TABLES.clear()
                 cp.get_default_memory_pool().free_all_blocks()
-        if args.sweep_norm:
-            sweep_norm(stream, args.reps)
     if args.json:
         with open(args.json, "a") as f:
             for r in rows:

@@ -1,33 +1,20 @@
 """Launchers of the model ops that are neither attention nor GEMM: embedding, RMSNorm, SiLU-and-mul, RoPE + KV write.
 
-Each checks its preconditions (ValueError naming the argument), then launches one kernel of ops/kernels/ on the
-current CuPy stream: no host sync and no allocation, so every launch can be captured in a CUDA graph.
+Each checks its preconditions (ValueError naming the argument), then runs one kernel generated from its definition
+in the JIT language (ops/jit_ops.py) on the current CuPy stream: no host sync and no allocation, so every launch
+can be captured in a CUDA graph.
 """
 from __future__ import annotations
-
-import functools
 
 import cupy as cp
 import numpy as np
 
-from ops.cuda.compile import cuda_type, get_kernel
+from ops import jit_ops
 
 ACTIVATION_DTYPES = (np.dtype(np.float16), np.dtype(np.uint16))  # uint16 = bfloat16 bits
 INT32 = (np.dtype(np.int32),)
 VEC = 16  # bytes per vector load/store; rows must be whole vectors
-ROPE_HEAD_DIMS = (32, 64, 128, 256)
-ROPE_THREADS = 256
-NORM_VPT = (1, 2, 4, 8)  # 16-byte vectors of a row each thread holds in registers (norm.cu's VPT)
-NORM_MAX_THREADS = 512  # norm.cu's __launch_bounds__: leaves 128 registers a thread, so VPT 8 does not spill
-# the fewest vectors per thread that keeps a block within this many threads: on the H100 448 threads x 1 vector
-# beat 224 x 2 by 0.5 us at T=64 and 0.2 us at T=256 (Qwen2.5-7B rows; one block per SM, so shorter per-thread
-# instruction chains win) and tie at T=4096
-NORM_THREADS = NORM_MAX_THREADS
-
-
-@functools.cache
-def _kernel(filename: str, name: str, defines: tuple[tuple[str, object], ...] = ()) -> cp.RawKernel:
-    return get_kernel(filename, name, **dict(defines))
+MAX_ROW_VECTORS = 8 * 512
 
 
 def _check(name: str, array, ndim: int, dtypes=ACTIVATION_DTYPES, align: int = VEC) -> None:
@@ -65,6 +52,12 @@ def _whole_vectors(name: str, array) -> int:
     return row_bytes // VEC
 
 
+def _max_row(name: str, n_vec: int) -> None:
+    """A row is held in registers, at most 8 vectors a thread of 512: hidden sizes up to 32,768."""
+    if n_vec > MAX_ROW_VECTORS:
+        raise ValueError(f"{name}: hidden size {n_vec * VEC // 2} is over the supported {MAX_ROW_VECTORS * VEC // 2}")
+
+
 def embedding(ids, table, out) -> None:
     """out[t] = table[ids[t]]. ids: [T] int32, table: [V, H], out: [T, H]; an id outside [0, V) gives a zero row."""
     _check("ids", ids, 1, INT32, align=4)
@@ -74,20 +67,7 @@ def embedding(ids, table, out) -> None:
     n_vec = _whole_vectors("table", table)
     if ids.shape[0] == 0:
         return
-    threads = min(256, -(-n_vec // 32) * 32)
-    kernel = _kernel("embedding.cu", "embedding_kernel")
-    kernel((ids.shape[0], -(-n_vec // threads)), (threads,), (ids, table, out, np.int32(n_vec),
-                                                             np.int32(table.shape[0])))
-
-
-def norm_launch(num_rows: int, n_vec: int, threads: int = NORM_THREADS):
-    """(grid, block, VPT) for one block per row, the row held in registers, at most `threads` a block."""
-    vpt = next((v for v in NORM_VPT if n_vec <= v * threads), None)
-    if vpt is None:
-        raise ValueError(f"rms_norm: hidden size {n_vec * VEC // 2} is over the supported "
-                         f"{NORM_VPT[-1] * threads * VEC // 2}")
-    block = -(-(-(-n_vec // vpt)) // 32) * 32  # ceil(n_vec / vpt) rounded up to whole warps
-    return (num_rows,), (block,), vpt
+    jit_ops.embedding(ids, table, out)
 
 
 def rms_norm(x, weight, eps: float, out) -> None:
@@ -100,9 +80,8 @@ def rms_norm(x, weight, eps: float, out) -> None:
     n_vec = _whole_vectors("x", x)
     if x.shape[0] == 0:
         return
-    grid, block, vpt = norm_launch(x.shape[0], n_vec)
-    kernel = _kernel("norm.cu", "rms_norm_kernel", (("DTYPE", cuda_type(x.dtype)), ("VPT", vpt)))
-    kernel(grid, block, (x, weight, out, np.int32(n_vec), np.float32(eps)))
+    _max_row("rms_norm", n_vec)
+    jit_ops.rms_norm(x, weight, eps, out)
 
 
 def add_rms_norm(x, residual, weight, eps: float, out) -> None:
@@ -117,9 +96,8 @@ def add_rms_norm(x, residual, weight, eps: float, out) -> None:
     n_vec = _whole_vectors("x", x)
     if x.shape[0] == 0:
         return
-    grid, block, vpt = norm_launch(x.shape[0], n_vec)
-    kernel = _kernel("norm.cu", "add_rms_norm_kernel", (("DTYPE", cuda_type(x.dtype)), ("VPT", vpt)))
-    kernel(grid, block, (x, residual, weight, out, np.int32(n_vec), np.float32(eps)))
+    _max_row("add_rms_norm", n_vec)
+    jit_ops.add_rms_norm(x, residual, weight, eps, out)
 
 
 def silu_and_mul(x, out) -> None:
@@ -129,14 +107,10 @@ def silu_and_mul(x, out) -> None:
     _same("out", out, "x", x)
     if x.shape != (out.shape[0], 2 * out.shape[1]):
         raise ValueError(f"silu_and_mul: x has shape {x.shape}, expected (T, 2*I) = {(out.shape[0], 2 * out.shape[1])}")
-    n_vec = _whole_vectors("out", out)
-    total = out.shape[0] * n_vec
-    if total >= 2**31:
-        raise ValueError(f"silu_and_mul: {out.shape} is over 2^31 vectors; split the batch")
-    if total == 0:
+    _whole_vectors("out", out)
+    if out.size == 0:
         return
-    kernel = _kernel("activation.cu", "silu_and_mul_kernel", (("DTYPE", cuda_type(x.dtype)),))
-    kernel((-(-total // 256),), (256,), (x, out, np.uint32(n_vec), np.uint32(total)))
+    jit_ops.silu_and_mul(x, out)
 
 
 def rope_and_cache(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin,
@@ -157,8 +131,8 @@ def rope_and_cache(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin,
     _same("k_cache", k_cache, "qkv", qkv)
     _same("v_cache", v_cache, "k_cache", k_cache, k_cache.shape)
     _, num_kv_heads, block_size, head_dim = k_cache.shape
-    if head_dim not in ROPE_HEAD_DIMS:
-        raise ValueError(f"rope_and_cache: head_dim {head_dim} is not supported; supported: {ROPE_HEAD_DIMS}")
+    if head_dim % 2 or head_dim // 2 * qkv.itemsize % 4:
+        raise ValueError(f"rope_and_cache: head_dim {head_dim} must be even with halves of whole 4-byte words")
     num_tokens, width = qkv.shape
     num_q_heads = width // head_dim - 2 * num_kv_heads
     if width % head_dim or num_q_heads <= 0:
@@ -174,16 +148,6 @@ def rope_and_cache(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin,
             _same(name, w, "qkv", qkv, (head_dim,))
     if num_tokens == 0:
         return
-    defines = (("BLOCK_SIZE", block_size), ("DTYPE", cuda_type(qkv.dtype)), ("HEAD_DIM", head_dim),
-               ("QK_NORM", int(q_norm is not None)))
-    kernel = _kernel("rope_cache.cu", "rope_and_cache_kernel", defines)
-    # head_dim / 8 lanes per (token, head), each rotating 4 pairs
-    lanes = num_tokens * (num_q_heads + 2 * num_kv_heads) * (head_dim // 8)
-    if lanes >= 2**31:
-        raise ValueError(f"rope_and_cache: {num_tokens} tokens is too many for one launch; split the batch")
-    # without norms the kernel never reads q_norm/k_norm: any device pointer fills the slots
-    q_norm = qkv if q_norm is None else q_norm
-    k_norm = qkv if k_norm is None else k_norm
-    kernel((-(-lanes // ROPE_THREADS),), (ROPE_THREADS,),
-           (qkv, positions, slot_mapping, k_cache, v_cache, cos_sin, q_norm, k_norm, np.float32(eps),
-            np.int32(num_tokens), np.int32(num_q_heads), np.int32(num_kv_heads)))
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"rope_and_cache: {num_q_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    jit_ops.rope_and_cache(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin, q_norm, k_norm, eps)

@@ -226,9 +226,9 @@ def test_preconditions_raise_clear_errors():
         basic.rms_norm(x, cp.ones(32, np.float16), EPS, cp.empty((4, 64), np.float16))
     with pytest.raises(ValueError, match="multiple of 16 bytes"):
         basic.rms_norm(cp.zeros((4, 60), np.float16), cp.ones(60, np.float16), EPS, cp.empty((4, 60), np.float16))
-    with pytest.raises(ValueError, match="head_dim 96"):
-        cache = cp.zeros((2, 1, 16, 96), np.float16)
-        basic.rope_and_cache(cp.zeros((1, 3 * 96), np.float16), cp.zeros(1, np.int32), cp.zeros(1, np.int32),
-                             cache, cache, cp.zeros((8, 96), np.float32))
+    with pytest.raises(ValueError, match="head_dim 6"):
+        cache = cp.zeros((2, 1, 16, 6), np.float16)
+        basic.rope_and_cache(cp.zeros((1, 3 * 6), np.float16), cp.zeros(1, np.int32), cp.zeros(1, np.int32),
+                             cache, cache, cp.zeros((8, 6), np.float32))
     with pytest.raises(ValueError, match="int32"):
         basic.embedding(cp.zeros(3, np.int64), cp.zeros((8, 64), np.float16), cp.empty((3, 64), np.float16))
