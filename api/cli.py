@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from api import bench_serve, benchmark  # standard library and numpy only at import
+from api import bench_serve, benchmark, jit_cli  # standard library and numpy only at import
 from api.bench_target import positive_int
 
 logger = logging.getLogger("cupyllm")
@@ -241,6 +241,10 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
                   benchmark.add_arguments, benchmark.run),
     "bench-serve": ("load-test an OpenAI-compatible server: throughput, TTFT, TPOT, latency percentiles",
                     bench_serve.add_arguments, bench_serve.run),
+    "plan": ("the fused per-layer kernel plan of a model: launches, what each stores, HBM bytes per batch size",
+             jit_cli.add_plan_arguments, jit_cli.run_plan),
+    "kernels": ("the on-disk cache of generated JIT kernels: --list or --clear", jit_cli.add_kernels_arguments,
+                jit_cli.run_kernels),
 }
 
 

@@ -1,5 +1,6 @@
 """The model's elementwise and row-reduction ops written in the JIT language (ops/jit): embedding, RMSNorm,
-add + RMSNorm, SiLU-and-mul, RoPE (+ Qwen3's q/k norm) with the KV-cache write. One generated kernel each.
+add + RMSNorm (both composed by the fusion pass, ops/fusion.py), SiLU-and-mul, RoPE (+ Qwen3's q/k norm) with the
+KV-cache write. One generated kernel each.
 
 Each takes numpy or CuPy arrays (the interpreter or the GPU runs the same definition) with the argument lists of
 ops/reference.py. Attention's tensor-core loops and the sampler's sort stay hand CUDA (ops/kernels/): the
@@ -7,13 +8,22 @@ language has no matrix-multiply or cross-program primitives.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
-from ops import jit
+from ops import fusion, jit
 from ops.jit import BlockSpec
 
 _INT32 = np.dtype(np.int32)
 SILU_CONFIGS = [dict(block=b) for b in (1024, 512, 2048, 4096)]
+# Each op's pallas_call is built once per static shape (functools.cache) and kept: a kept call only looks up its
+# trace per launch, which holds the eager (prefill) cost of a launch near that of a hand-written launcher.
+_kept = functools.cache
+
+
+def _rows(*arrays):
+    return (arrays[0].shape[0],)
 
 
 def _row(h):
@@ -33,34 +43,34 @@ def embedding(ids, table, out) -> None:
     int32 words where they can: a bit-exact copy (a float round trip would quieten NaN payloads)."""
     if table.itemsize == 2 and table.shape[1] % 2 == 0 and out.dtype == table.dtype:
         table, out = table.view(_INT32), out.view(_INT32)
-    h = table.shape[1]
-    jit.pallas_call(_embedding, grid=(ids.shape[0],), num_scalar_prefetch=1,
-                    in_specs=[BlockSpec((None, h), lambda i, ids: (ids[i], 0))], out_specs=[_row(h)],
-                    name="embedding")(ids, table, out)
+    _embedding_call(table.shape[1])(ids, table, out)
 
 
-def _rms_norm(x_ref, w_ref, out_ref, *, eps):
-    x = x_ref[...]
-    out_ref[...] = x * jit.rsqrt(jit.mean(x * x) + eps) * w_ref[...]
+@_kept
+def _embedding_call(h):
+    return jit.pallas_call(_embedding, grid=_rows, num_scalar_prefetch=1,
+                           in_specs=[BlockSpec((None, h), lambda i, ids: (ids[i], 0))], out_specs=[_row(h)],
+                           name="embedding")
 
 
 def rms_norm(x, weight, eps: float, out) -> None:
-    h = x.shape[1]
-    jit.pallas_call(_rms_norm, grid=(x.shape[0],), in_specs=[_row(h), _whole(h)], out_specs=[_row(h)],
-                    name="rms_norm")(x, weight, out, eps=float(eps))
-
-
-def _add_rms_norm(x_ref, res_ref, w_ref, out_ref, *, eps):
-    r = (x_ref[...] + res_ref[...]).astype(res_ref.dtype)  # the norm is of the residual as stored
-    res_ref[...] = r
-    out_ref[...] = r * jit.rsqrt(jit.mean(r * r) + eps) * w_ref[...]
+    _norm_call(x.shape[1])(x, weight, out, eps0=float(eps))
 
 
 def add_rms_norm(x, residual, weight, eps: float, out) -> None:
     """residual += x (rounded to its dtype, in place); out = rms_norm(residual)."""
-    h = x.shape[1]
-    jit.pallas_call(_add_rms_norm, grid=(x.shape[0],), in_specs=[_row(h), _row(h), _whole(h)],
-                    out_specs=[_row(h)], name="add_rms_norm")(x, residual, weight, out, eps=float(eps))
+    _add_norm_call(x.shape[1])(x, residual, weight, out, eps0=float(eps))
+
+
+@_kept
+def _norm_call(h):  # the fusion pass's kernel for [rms_norm]
+    return fusion.row_kernel((fusion.rms_norm("x", "w", "out", h),), frozenset({"w"}), ("out",))
+
+
+@_kept
+def _add_norm_call(h):  # ... and for [add, rms_norm] (the residual is stored: it outlives the kernel)
+    return fusion.row_kernel((fusion.add("x", "residual", "residual", h), fusion.rms_norm("residual", "w", "out", h)),
+                             frozenset({"w"}), ("residual", "out"))
 
 
 def _silu_and_mul(gate_ref, up_ref, out_ref):
@@ -71,12 +81,15 @@ def _silu_and_mul(gate_ref, up_ref, out_ref):
 @jit.autotune(SILU_CONFIGS, key=lambda x, out: (out.shape[1], str(out.dtype), min(out.shape[0], 512)), writes=(1,))
 def _silu_launch(x, out, *, block):
     t, inter = out.shape
-    block = min(block, 1 << (inter - 1).bit_length())
-    halves = x.reshape(t, 2, inter)  # gate | up
-    jit.pallas_call(_silu_and_mul, grid=(t, -(-inter // block)),
-                    in_specs=[BlockSpec((None, None, block), lambda i, j: (i, 0, j)),
-                              BlockSpec((None, None, block), lambda i, j: (i, 1, j))],
-                    out_specs=[BlockSpec((None, block), lambda i, j: (i, j))], name="silu_and_mul")(halves, halves, out)
+    _silu_call(inter, min(block, 1 << (inter - 1).bit_length()))(*(x.reshape(t, 2, inter),) * 2, out)  # gate | up
+
+
+@_kept
+def _silu_call(inter, block):
+    return jit.pallas_call(_silu_and_mul, grid=lambda x, up, out: (out.shape[0], -(-inter // block)),
+                           in_specs=[BlockSpec((None, None, block), lambda i, j: (i, 0, j)),
+                                     BlockSpec((None, None, block), lambda i, j: (i, 1, j))],
+                           out_specs=[BlockSpec((None, block), lambda i, j: (i, j))], name="silu_and_mul")
 
 
 def silu_and_mul(x, out) -> None:
@@ -126,7 +139,12 @@ def rope_and_cache(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin, q_no
         return
     norms = (q_norm, k_norm) if q_norm is not None else (qkv[0, :d],) * 2  # stand-ins, never read
     qn, kn = (w.reshape(2, half) for w in norms)
+    _rope_cache_call(hq // hkv, hkv, bs, half, q_norm is not None)(
+        positions, slot_mapping, heads, heads, table, table, qn, qn, kn, kn, kc, kc, vc, vc, eps=float(eps))
 
+
+@_kept
+def _rope_cache_call(group, hkv, bs, half, qk_norm):
     def block(part):
         return BlockSpec((None, hkv, None, half), lambda i, j, p, s: (i, j, part, 0))
 
@@ -139,15 +157,8 @@ def rope_and_cache(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin, q_no
     def cache(part):
         return BlockSpec((None, hkv, None, None, half), lambda i, j, p, s: (s[i] // bs, 0, s[i] % bs, part, 0))
 
-    body = _bind(_rope_cache, group=hq // hkv, qk_norm=q_norm is not None)
-    jit.pallas_call(body, grid=(t, hq // hkv + 2), num_scalar_prefetch=2,
-                    in_specs=[block(0), block(1), trig(0), trig(1), weight(0), weight(1), weight(0), weight(1)],
-                    out_specs=[cache(0), cache(1), cache(0), cache(1)],
-                    name=f"rope_cache{'_qknorm' if q_norm is not None else ''}")(
-        positions, slot_mapping, heads, heads, table, table, qn, qn, kn, kn, kc, kc, vc, vc, eps=float(eps))
-
-
-def _bind(fn, **static):
-    """fn with compile-time keyword arguments (part of the trace key, unlike runtime scalars)."""
-    import functools
-    return functools.partial(fn, **static)
+    return jit.pallas_call(functools.partial(_rope_cache, group=group, qk_norm=qk_norm),
+                           grid=lambda pos, *_: (pos.shape[0], group + 2), num_scalar_prefetch=2,
+                           in_specs=[block(0), block(1), trig(0), trig(1), weight(0), weight(1), weight(0), weight(1)],
+                           out_specs=[cache(0), cache(1), cache(0), cache(1)],
+                           name=f"rope_cache{'_qknorm' if qk_norm else ''}")

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from engine.config import ModelConfig
+from ops import fusion
+from ops.fusion import ATTENTION, BIAS, GEMM, HEAD, Buffer, Op
 from ops.metadata import AttentionMetadata
 from ops.reference import rope_cos_sin
 
@@ -54,6 +56,34 @@ def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
         if c.qk_norm:
             shapes |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
     return shapes
+
+
+def layer_ops(c: ModelConfig) -> tuple[list[Op], dict[str, Buffer]]:
+    """One decoder layer (any but the first) as the op list the fusion pass groups (ops/fusion.py), with its
+    buffers. LlamaModel.forward launches what fusion.plan makes of it; tests/test_fusion.py checks that."""
+    h, d, inter, qkv = c.hidden_size, c.head_dim, c.intermediate_size, c.q_size + 2 * c.kv_size
+    b = [Buffer("hidden", h), Buffer("residual", h, kept=True), Buffer("x", h), Buffer("qkv", qkv),
+         Buffer("attn", c.q_size), Buffer("gate_up", 2 * inter), Buffer("act", inter),
+         Buffer("cos_sin", d, itemsize=4), Buffer("kv_cache", 2 * c.kv_size, kept=True, cache=True),
+         Buffer("input_norm", h, weight=True), Buffer("post_norm", h, weight=True),
+         Buffer("qkv_proj", h, weight=True, rows=qkv), Buffer("o_proj", c.q_size, weight=True, rows=h),
+         Buffer("gate_up_proj", h, weight=True, rows=2 * inter), Buffer("down_proj", inter, weight=True, rows=h),
+         Buffer("qkv_bias", qkv, weight=True), Buffer("o_bias", h, weight=True),
+         Buffer("q_norm", d, weight=True), Buffer("k_norm", d, weight=True)]
+    o_bias = c.attention_bias and c.architecture != "Qwen2ForCausalLM"
+    ops = [fusion.add("hidden", "residual", "residual", h), fusion.rms_norm("residual", "input_norm", "x", h),
+           Op("qkv_proj", GEMM, ("x", "qkv_proj"), ("qkv",))]
+    ops += [Op("qkv_bias", BIAS, ("qkv", "qkv_bias"), ("qkv",))] if c.attention_bias else []
+    ops += [Op("qk_norm", HEAD, ("qkv", "q_norm", "k_norm"), ("qkv",))] if c.qk_norm else []
+    ops += [Op("rope", HEAD, ("qkv", "cos_sin"), ("qkv",)), Op("cache_write", HEAD, ("qkv",), ("kv_cache",)),
+            Op("attention", ATTENTION, ("qkv", "kv_cache"), ("attn",)),
+            Op("o_proj", GEMM, ("attn", "o_proj"), ("hidden",))]
+    ops += [Op("o_bias", BIAS, ("hidden", "o_bias"), ("hidden",))] if o_bias else []
+    ops += [fusion.add("hidden", "residual", "residual", h), fusion.rms_norm("residual", "post_norm", "x", h),
+            Op("gate_up_proj", GEMM, ("x", "gate_up_proj"), ("gate_up",)),
+            fusion.silu_mul("gate_up", "gate_up", "act", inter),
+            Op("down_proj", GEMM, ("act", "down_proj"), ("hidden",))]
+    return ops, {buf.name: buf for buf in b}
 
 
 class LlamaModel:

@@ -60,16 +60,20 @@ class PallasCall:
         self.num_scalar_prefetch = num_scalar_prefetch
         self.name = name or getattr(body, "__name__", "kernel").strip("_")
         self.num_threads = num_threads
+        # what does not depend on the arrays, worked out once: a call made once and kept launches cheaply
+        self.tile = _kernel_tile(self.specs, self.name)
+        self._chunk = lower.chunk_elems(self.tile[1])
+        # blocks that span the kernel tile's columns: their arrays may move as vectors (if aligned, per call)
+        self._full_width = [s.block_shape[-1] == self.tile[1] and self.tile[1] > 1 for s in self.specs]
+        self._static_key = (_fn_key(body), self.name, num_scalar_prefetch,
+                            tuple((s.block_shape, _fn_key(s.index_map)) for s in self.specs), num_threads)
 
     def __call__(self, *arrays, **scalars):
         grid = self.grid(*arrays) if callable(self.grid) else self.grid
         ir, nt = self.specialize(arrays, scalars, len(grid))
         for log in _recorders:
             log.append(Launch(ir, nt, tuple(grid), tuple(a.shape for a in arrays)))
-        if _is_device(arrays[0]):
-            _launch(ir, nt, arrays, grid, scalars)
-        else:
-            interpret.run(ir, list(arrays), grid, scalars)
+        (_launch if _is_device(arrays[0]) else _interpret)(ir, nt, arrays, grid, scalars)
 
     def specialize(self, arrays, scalars: dict, grid_rank: int) -> tuple[KernelIR, int]:
         npf = self.num_scalar_prefetch
@@ -80,17 +84,15 @@ class PallasCall:
         for i, a in enumerate(arrays):
             if not a.flags.c_contiguous:
                 raise ValueError(f"{self.name}: array {i} (shape {a.shape}) must be C-contiguous")
-        tile = _kernel_tile(self.specs, self.name)
-        e = lower.chunk_elems(tile[1])
-        vec = tuple(_vectorizable(a, t, spec, tile, e) for a, t, spec in zip(arrays[npf:], types[npf:], self.specs))
+        device, e = _is_device(arrays[0]), self._chunk
+        vec = tuple(full and _aligned(a, t.itemsize * e, e, device)
+                    for a, t, full in zip(arrays[npf:], types[npf:], self._full_width))
         scalar_types = tuple((k, dtypes.float32 if isinstance(v, float) else dtypes.int32)
                              for k, v in sorted(scalars.items()))
-        key = (_fn_key(self.body), self.name, npf, tuple((s.block_shape, _fn_key(s.index_map)) for s in self.specs),
-               tuple(t.name for t in types), tuple(a.ndim for a in arrays), vec, scalar_types, grid_rank,
-               self.num_threads)
+        key = (self._static_key, tuple(t.name for t in types), tuple(a.ndim for a in arrays), vec, scalar_types, grid_rank)
         hit = _TRACES.get(key)
         if hit is None:
-            hit = _TRACES[key] = self._trace(arrays, types, vec, scalar_types, grid_rank, tile)
+            hit = _TRACES[key] = self._trace(arrays, types, vec, scalar_types, grid_rank, self.tile)
         return hit
 
     def _trace(self, arrays, types, vec, scalar_types, grid_rank, tile):
@@ -191,15 +193,32 @@ def _kernel_tile(specs, name) -> tuple[int, int]:
     return r, c
 
 
-def _vectorizable(array, dtype, spec, tile, e) -> bool:
-    """Whole E-element chunks of this array can move as vectors: the last dim and the pointer are aligned."""
-    if spec.block_shape[-1] != tile[1] or tile[1] == 1:
-        return False
-    nbytes = e * dtype.itemsize
+def _aligned(array, nbytes: int, e: int, device: bool) -> bool:
+    """Whole e-element chunks (nbytes each) of this array can move as vectors: rows and the pointer are aligned."""
     if nbytes < 4 or array.shape[-1] % e:
         return False
-    ptr = array.data.ptr if _is_device(array) else array.ctypes.data
+    ptr = array.data.ptr if device else array.__array_interface__["data"][0]
     return ptr % min(16, nbytes) == 0
+
+
+def _interpret(ir: KernelIR, nt: int, arrays, grid, scalars) -> None:
+    interpret.run(ir, list(arrays), grid, scalars)
+
+
+def kernel_args(ir: KernelIR, arrays, grid, scalars) -> list:
+    """The generated kernel's arguments in order: each array then its dims (int32), the scalars, the grid dims."""
+    args = []
+    for a in arrays:
+        args.append(a)
+        args += _dims(a.shape)
+    for name, t in ir.scalars:
+        args.append(np.float32(scalars[name]) if t is dtypes.float32 else np.int32(scalars[name]))
+    return args + [np.int32(g) for g in grid]
+
+
+@functools.lru_cache(maxsize=4096)
+def _dims(shape: tuple) -> tuple:
+    return tuple(np.int32(d) for d in shape)
 
 
 def _launch(ir: KernelIR, nt: int, arrays, grid, scalars) -> None:
@@ -210,14 +229,7 @@ def _launch(ir: KernelIR, nt: int, arrays, grid, scalars) -> None:
     if blocks >= 2**31:
         raise ValueError(f"{ir.name}: a grid of {blocks} programs is over 2^31; split the call")
     fn = _function(ir, nt)
-    args = []
-    for op, a in zip(ir.operands, arrays):
-        args.append(a)
-        args += [np.int32(d) for d in a.shape]
-    for name, t in ir.scalars:
-        args.append(np.float32(scalars[name]) if t is dtypes.float32 else np.int32(scalars[name]))
-    args += [np.int32(g) for g in grid]
-    fn((blocks,), (nt,), tuple(args), stream=cp.cuda.get_current_stream())
+    fn((blocks,), (nt,), tuple(kernel_args(ir, arrays, grid, scalars)), stream=cp.cuda.get_current_stream())
 
 
 def _function(ir: KernelIR, nt: int):
