@@ -122,19 +122,19 @@ def bytes_moved(k: Kernel, writes: list[str], buffers: dict[str, Buffer], tokens
 
 # --- row ops: their tile functions, and the kernel a run of them becomes -----------------------------------------
 
-def _add(v, op, dtype):
+def _add(v, op):
     a, b = op.inputs
-    return {op.outputs[0]: (v[a] + v[b]).astype(dtype)}
+    return {op.outputs[0]: v[a] + v[b]}
 
 
-def _rms_norm(v, op, dtype, eps):
+def _rms_norm(v, op, eps):
     x, w = op.inputs
-    return {op.outputs[0]: (v[x] * jit.rsqrt(jit.mean(v[x] * v[x]) + eps) * v[w]).astype(dtype)}
+    return {op.outputs[0]: v[x] * jit.rsqrt(jit.mean(v[x] * v[x]) + eps) * v[w]}
 
 
-def _silu_mul(v, op, dtype):
+def _silu_mul(v, op):
     g, u = op.inputs
-    return {op.outputs[0]: (v[g] / (1.0 + jit.exp(-v[g])) * v[u]).astype(dtype)}
+    return {op.outputs[0]: v[g] / (1.0 + jit.exp(-v[g])) * v[u]}
 
 
 TILE_FNS: dict[str, Callable] = {"add": _add, "rms_norm": _rms_norm, "silu_mul": _silu_mul}  # (SiLU x mul runs as
@@ -170,7 +170,9 @@ def row_kernel(ops: tuple[Op, ...], weights: frozenset, stores: tuple[str, ...])
         v = {n: ref[n][...] for n in reads}
         for i, o in enumerate(ops):
             extra = (scalars[f"eps{norms.index(i)}"],) if i in norms else ()
-            v.update(TILE_FNS[o.name](v, o, dtype, *extra))
+            for n, value in TILE_FNS[o.name](v, o, *extra).items():
+                # a value a later op reads is rounded as its store would round it; a stored one, by the store
+                v[n] = value.astype(dtype) if any(n in later.inputs for later in ops[i + 1:]) else value
         for n in stores:
             ref[n][...] = v[n]
 

@@ -9,6 +9,10 @@
 #          with dummy weights -> $OUT/serve/{summary.txt,cupyllm.json,cupyllm.log}, its history line appended to
 #          $OUT/bench.jsonl. About 3-4 minutes on an H100.
 #   all    tests, bench, then serve
+#   jit    issue #12 in one call: the engine benchmark on a fresh machine (Qwen2.5-7B shape, fp16, 32 in / 512 out,
+#          N = 1..256) -> $OUT/engine.{jsonl,log}; a warm restart (everything cached) -> $OUT/engine_warm.jsonl;
+#          the JIT kernels against the hand ones -> $OUT/kernels.{jsonl,log}; then tests/gpu -> $OUT/gpu_tests.log.
+#          About 6 minutes on an H100.
 # At most 8 files come back from $OUT: `all` writes exactly 8 (env.txt, gpu_tests.log, gpu_tests.xml, bench.jsonl,
 # bench.log, serve/summary.txt, serve/cupyllm.json, serve/cupyllm.log).
 # Record the figures afterwards with: python scripts/record_history.py <files_at>/bench.jsonl --card ...
@@ -20,8 +24,8 @@ what=${1:-all}
 filter=${2:-}
 status=0
 case $what in
-  all | tests | bench | serve) ;;
-  *) echo "usage: $0 [all|tests|bench|serve] [pytest -k expression]" >&2; exit 2 ;;
+  all | tests | bench | serve | jit) ;;
+  *) echo "usage: $0 [all|tests|bench|serve|jit] [pytest -k expression]" >&2; exit 2 ;;
 esac
 
 # The serving benchmark (issue #6). 16 clients in a closed loop, 128 output tokens after prompts of 512 tokens
@@ -41,6 +45,22 @@ SERVE_OUTPUT_LEN=${SERVE_OUTPUT_LEN:-128}
   python3 -c "import cupy, numpy, sys; print('python', sys.version.split()[0], 'cupy', cupy.__version__, 'numpy', numpy.__version__)"
   git rev-parse --short HEAD 2>/dev/null || true
 } 2>&1 | tee "$OUT/env.txt"
+
+if [[ $what == jit ]]; then
+  ENGINE_ARGS="--model perf/configs/qwen2.5-7b --load-format dummy --dtype float16 --input-len 32"
+  echo "== engine benchmark, nothing cached on this machine yet"
+  timeout 240 python3 -m api.cli benchmark $ENGINE_ARGS --output-len 512 --n 1,16,64,128,256 \
+    --json "$OUT/engine.jsonl" 2>&1 | tail -60 | tee "$OUT/engine.log"
+  echo "== warm restart: kernels, GEMM choices and autotune picks on disk"
+  timeout 90 python3 -m api.cli benchmark $ENGINE_ARGS --output-len 64 --n 1 --json "$OUT/engine_warm.jsonl" 2>&1 \
+    | tail -25 | tee -a "$OUT/engine.log"
+  echo "== JIT kernels against the hand-written ones"
+  timeout 120 python3 perf/gpu_kernels.py --impl jit,hand --tokens 1,64,256 --json "$OUT/kernels.jsonl" 2>&1 \
+    | tail -40 | tee "$OUT/kernels.log"
+  timeout 300 python3 -m pytest tests/gpu -q -rs ${filter:+-k "$filter"} --ignore=tests/gpu/test_serve_gpu.py \
+    2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+  status=${PIPESTATUS[0]}
+fi
 
 if [[ $what == all || $what == tests ]]; then
   timeout 420 python3 -m pytest tests/gpu -q -rs -x ${filter:+-k "$filter"} --ignore=tests/gpu/test_serve_gpu.py \
