@@ -57,6 +57,9 @@ if [[ $what == jit ]]; then
   echo "== JIT kernels against the hand-written ones"
   timeout 120 python3 perf/gpu_kernels.py --impl jit,hand --tokens 1,64,256 --json "$OUT/kernels.jsonl" 2>&1 \
     | tail -40 | tee "$OUT/kernels.log"
+  echo "== host cost of an eager prefill: JIT launchers against the hand ones"
+  timeout 120 python3 perf/eager_profile.py perf/configs/qwen2.5-7b --json "$OUT/kernels.jsonl" 2>&1 | tail -45 \
+    | tee "$OUT/eager.log"
   timeout 300 python3 -m pytest tests/gpu -q -rs ${filter:+-k "$filter"} --ignore=tests/gpu/test_serve_gpu.py \
     2>&1 | tee "$OUT/gpu_tests.log" | tail -40
   status=${PIPESTATUS[0]}

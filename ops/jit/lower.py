@@ -17,10 +17,41 @@ from ops.jit import dtypes
 from ops.jit.ir import KernelIR, Node, Operand
 
 PRELUDE = r"""typedef long long i64;
+#ifdef __CUDA_ARCH__
 __device__ __forceinline__ float h2f(unsigned short h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
 __device__ __forceinline__ unsigned short f2h(float f) { unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
-__device__ __forceinline__ float bf2f(unsigned short h) { return __uint_as_float((unsigned)h << 16); }
 __device__ __forceinline__ unsigned short f2bf(float f) { unsigned short h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+#else  // a host compiler (tests/host_cuda.py runs this source on the CPU): the same conversions in integer code
+__device__ __forceinline__ float h2f(unsigned short h) {  // exact: subnormals normalised, inf and NaN kept
+    const unsigned s = (unsigned)(h & 0x8000u) << 16, e = (h >> 10) & 31u;
+    unsigned m = h & 0x3ffu;
+    if (e == 31u) return __uint_as_float(s | 0x7f800000u | (m << 13));
+    if (e) return __uint_as_float(s | ((e + 112u) << 23) | (m << 13));
+    if (!m) return __uint_as_float(s);
+    unsigned x = 113u;
+    while (!(m & 0x400u)) { m <<= 1; --x; }
+    return __uint_as_float(s | (x << 23) | ((m & 0x3ffu) << 13));
+}
+__device__ __forceinline__ unsigned short f2h(float f) {  // round to nearest even, subnormals too; NaN stays quiet
+    const unsigned u = __float_as_uint(f), s = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return (unsigned short)(s | 0x7e00u | ((a >> 13) & 0x3ffu));
+    if (a >= 0x477ff000u) return (unsigned short)(s | 0x7c00u);  // 65520 and up: inf
+    if (a >= 0x38800000u) {  // a normal half: rebias the exponent, round the 13 dropped bits
+        const unsigned r = a - 0x38000000u;
+        return (unsigned short)(s | ((r + 0xfffu + ((r >> 13) & 1u)) >> 13));
+    }
+    if (a <= 0x33000000u) return (unsigned short)s;  // up to 2^-25 (the tie goes to even): zero
+    const unsigned sh = 126u - (a >> 23), m = (a & 0x7fffffu) | 0x800000u, half = 1u << (sh - 1u);
+    const unsigned q = m >> sh, rem = m & ((1u << sh) - 1u);
+    return (unsigned short)(s | (q + (rem > half || (rem == half && (q & 1u)))));  // 0x400: the least normal
+}
+__device__ __forceinline__ unsigned short f2bf(float f) {  // round to nearest even; NaN -> 0x7fc0 (ops/jit/dtypes.py)
+    const unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)0x7fc0u;
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+#endif
+__device__ __forceinline__ float bf2f(unsigned short h) { return __uint_as_float((unsigned)h << 16); }
 __device__ __forceinline__ float e4m32f(unsigned v) {  // fp8 E4M3: exact decode; S.1111.111 is NaN
     const unsigned e = (v >> 3) & 15u, m = v & 7u;
     float mag = e ? __uint_as_float(((e + 120u) << 23) | (m << 20)) : (float)m * 0.001953125f;
@@ -357,7 +388,7 @@ def _memory(em: _Emitter, n: Node) -> None:
     if cols:
         held.append(_col_ok(l))
     if not load:  # broadcast copies are written by one lane only
-        if not rows and l.r > 1:
+        if not rows and l.rp > 1:  # every lane-row holds the one row: lane-row 0 writes it
             held.append("lr == 0")
         if not cols and l.tpr > 1:
             held.append("lc == 0")
@@ -367,13 +398,16 @@ def _memory(em: _Emitter, n: Node) -> None:
                  if rows else "true")
     e = l.e if cols else 1
     # a mask that varies along columns needs per-element stores; a per-row or scalar mask keeps vectors
-    vector = op.vector and cols and e * op.dtype.itemsize >= 4 and not (masked and not load and mask.shape[1:] != (1,) and mask.shape != ())
+    # (the mask is then one value per row or per program: part of the chunk's guard)
+    whole_chunk_mask = masked and em.cls(mask.shape) in ("s", "r")
+    vector = op.vector and cols and e * op.dtype.itemsize >= 4 and (load or not masked or whole_chunk_mask)
     col_start = f"({starts[col_ax]})" if col_ax is not None else "0"
     if vector:
         nbytes = e * op.dtype.itemsize
         vt, words = _chunk_words(nbytes)
         em.emit(f"const i64 col0 = {col_start} + (i64){col_chunk} * {e};")
-        em.emit(f"const bool ok = held && blk_ok && {row_bound} && col0 >= 0 && col0 + {e} <= d{k}_{col_ax};")
+        guard = f" && {em.ref(mask)}" if masked and not load else ""
+        em.emit(f"const bool ok = held && blk_ok && {row_bound} && col0 >= 0 && col0 + {e} <= d{k}_{col_ax}{guard};")
         em.emit(f"const i64 off = base + {row_off} + (i64){col_chunk} * {e};")
         per_word = 4 // op.dtype.itemsize
         bits = 8 * op.dtype.itemsize
