@@ -30,10 +30,6 @@ def _row(h):
     return BlockSpec((None, h), lambda i, *_: (i, 0))
 
 
-def _whole(h):
-    return BlockSpec((h,), lambda *_: (0,))
-
-
 def _embedding(ids, table_ref, out_ref):
     out_ref[...] = table_ref[...]
 
@@ -78,7 +74,13 @@ def _silu_and_mul(gate_ref, up_ref, out_ref):
     out_ref[...] = g / (1.0 + jit.exp(-g)) * up_ref[...]
 
 
-@jit.autotune(SILU_CONFIGS, key=lambda x, out: (out.shape[1], str(out.dtype), min(out.shape[0], 512)), writes=(1,))
+def _silu_key(x, out):
+    """Tuned per width, dtype and token count rounded up to a power of two (at most 512): a prefill of a new
+    length reuses its bucket's choice instead of timing the configs again."""
+    return out.shape[1], str(out.dtype), 1 << (min(out.shape[0], 512) - 1).bit_length()
+
+
+@jit.autotune(SILU_CONFIGS, key=_silu_key, writes=(1,))
 def _silu_launch(x, out, *, block):
     t, inter = out.shape
     _silu_call(inter, min(block, 1 << (inter - 1).bit_length()))(*(x.reshape(t, 2, inter),) * 2, out)  # gate | up
