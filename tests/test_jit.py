@@ -88,20 +88,23 @@ def test_rope_and_cache_matches_reference(head_dim, qk_norm, hq, hkv):
     np.testing.assert_array_equal(caches[3], caches[1])  # v is copied, untouched
 
 
+def masked_stats(x_ref, o_ref, stats_ref):
+    """A row kernel over 128-column blocks of a ragged row (tests/test_jit_host.py runs it generated, too)."""
+    j = jit.program_id(1)
+    col = j * 128 + jit.iota(1)
+    inside = col < jit.dim(x_ref, 1)
+    x = x_ref.load(mask=inside, other=-1e30)
+    o_ref.store(jit.where(x > 0, x, 0.5 * x), mask=inside)
+    stats_ref[...] = jit.max(x) + jit.min(jit.where(inside, x, 1e30)) + jit.sum(jit.where(inside, 1.0, 0.0))
+
+
 def test_masks_iota_reductions_where():
     """A row kernel over a ragged last block: masked load with `other`, max/min/sum, where, iota, dim."""
-    def body(x_ref, o_ref, stats_ref):
-        j = jit.program_id(1)
-        col = j * 128 + jit.iota(1)
-        inside = col < jit.dim(x_ref, 1)
-        x = x_ref.load(mask=inside, other=-1e30)
-        o_ref.store(jit.where(x > 0, x, 0.5 * x), mask=inside)
-        stats_ref[...] = jit.max(x) + jit.min(jit.where(inside, x, 1e30)) + jit.sum(jit.where(inside, 1.0, 0.0))
     rng = np.random.default_rng(SEED)
     x = rng.standard_normal((3, 300)).astype(np.float32)
     out = np.full((3, 300), np.nan, np.float32)
     stats = np.zeros((3, 3, 1), np.float32)
-    jit.pallas_call(body, grid=(3, 3), in_specs=[BlockSpec((None, 128), lambda i, j: (i, j))],
+    jit.pallas_call(masked_stats, grid=(3, 3), in_specs=[BlockSpec((None, 128), lambda i, j: (i, j))],
                     out_specs=[BlockSpec((None, 128), lambda i, j: (i, j)),
                                BlockSpec((None, None, 1), lambda i, j: (i, j, 0))])(x, out, stats)
     np.testing.assert_allclose(out, np.where(x > 0, x, 0.5 * x), rtol=1e-6)
@@ -110,22 +113,25 @@ def test_masks_iota_reductions_where():
         np.testing.assert_allclose(stats[:, j, 0], part.max(1) + part.min(1) + part.shape[1], rtol=1e-6)
 
 
+def int_casts_prefetch(idx_ref, a_ref, o_ref, h_ref, b_ref, f_ref):
+    """Floor division and modulo, float -> int, casts to fp16/bf16/fp8, a prefetch ref (run generated, too)."""
+    a = a_ref[...]
+    o_ref[...] = a // 3 * 100 + a % 3
+    v = a.astype(jit.float32) * 0.37 + idx_ref[jit.program_id(0)].astype(jit.float32)
+    h_ref[...] = v.astype(jit.float16)
+    b_ref[...] = v.astype(jit.bfloat16)
+    f_ref[...] = v.astype(jit.float8_e4m3)
+
+
 def test_integer_semantics_casts_and_prefetch():
     """floordiv/mod are Python's (floor), float -> int truncates; casts round as a store would; a prefetch ref
     indexes blocks with data."""
-    def body(idx_ref, a_ref, o_ref, h_ref, b_ref, f_ref):
-        a = a_ref[...]
-        o_ref[...] = a // 3 * 100 + a % 3
-        v = a.astype(jit.float32) * 0.37 + idx_ref[jit.program_id(0)].astype(jit.float32)
-        h_ref[...] = v.astype(jit.float16)
-        b_ref[...] = v.astype(jit.bfloat16)
-        f_ref[...] = v.astype(jit.float8_e4m3)
     a = np.arange(-20, 20, dtype=np.int32).reshape(5, 8)
     idx = np.array([4, 3, 2, 1, 0], np.int32)
     o = np.zeros_like(a)
     outs = [np.zeros((5, 8), np.float32) for _ in range(3)]
     spec = BlockSpec((None, 8), lambda i, idx: (idx[i], 0))
-    jit.pallas_call(body, grid=(5,), num_scalar_prefetch=1, in_specs=[spec], out_specs=[spec] * 4)(idx, a, o, *outs)
+    jit.pallas_call(int_casts_prefetch, grid=(5,), num_scalar_prefetch=1, in_specs=[spec], out_specs=[spec] * 4)(idx, a, o, *outs)
     np.testing.assert_array_equal(o, a // 3 * 100 + a % 3)
     # program i reads and writes row idx[i] and adds idx[i]: row r gets a[r] * 0.37 + r
     v = a.astype(np.float32) * np.float32(0.37) + np.arange(5, dtype=np.float32)[:, None]

@@ -18,6 +18,7 @@ if not host_cuda.available():
 
 from ops import jit, jit_ops, reference  # noqa: E402
 from ops.jit import BlockSpec, core, dtypes, lower  # noqa: E402
+from tests.test_jit import int_casts_prefetch, masked_stats  # noqa: E402
 
 SEED = 20261207
 STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
@@ -228,16 +229,9 @@ def test_the_emulator_catches_an_unmasked_vector_store(emulated, monkeypatch):
 
 def test_masks_iota_reductions_where(emulated):
     """tests/test_jit.py's kernel: a masked load with `other` over a ragged last block, max/min/sum, where, iota."""
-    def body(x_ref, o_ref, stats_ref):
-        j = jit.program_id(1)
-        col = j * 128 + jit.iota(1)
-        inside = col < jit.dim(x_ref, 1)
-        x = x_ref.load(mask=inside, other=-1e30)
-        o_ref.store(jit.where(x > 0, x, 0.5 * x), mask=inside)
-        stats_ref[...] = jit.max(x) + jit.min(jit.where(inside, x, 1e30)) + jit.sum(jit.where(inside, 1.0, 0.0))
     rng = np.random.default_rng(SEED)
     x = rng.standard_normal((3, 300)).astype(np.float32)
-    call = jit.pallas_call(body, grid=(3, 3), in_specs=[BlockSpec((None, 128), lambda i, j: (i, j))],
+    call = jit.pallas_call(masked_stats, grid=(3, 3), in_specs=[BlockSpec((None, 128), lambda i, j: (i, j))],
                            out_specs=[BlockSpec((None, 128), lambda i, j: (i, j)),
                                       BlockSpec((None, None, 1), lambda i, j: (i, j, 0))])
     cpu, emu = emulated.both([x, np.full((3, 300), np.nan, np.float32), np.zeros((3, 3, 1), np.float32)], call)
@@ -248,17 +242,10 @@ def test_masks_iota_reductions_where(emulated):
 
 def test_integer_semantics_casts_and_prefetch(emulated):
     """tests/test_jit.py's kernel: floor division/modulo, float -> int, casts to fp16/bf16/fp8, a prefetch ref."""
-    def body(idx_ref, a_ref, o_ref, h_ref, b_ref, f_ref):
-        a = a_ref[...]
-        o_ref[...] = a // 3 * 100 + a % 3
-        v = a.astype(jit.float32) * 0.37 + idx_ref[jit.program_id(0)].astype(jit.float32)
-        h_ref[...] = v.astype(jit.float16)
-        b_ref[...] = v.astype(jit.bfloat16)
-        f_ref[...] = v.astype(jit.float8_e4m3)
     a = np.arange(-20, 20, dtype=np.int32).reshape(5, 8)
     idx = np.array([4, 3, 2, 1, 0], np.int32)
     spec = BlockSpec((None, 8), lambda i, idx: (idx[i], 0))
-    call = jit.pallas_call(body, grid=(5,), num_scalar_prefetch=1, in_specs=[spec], out_specs=[spec] * 4)
+    call = jit.pallas_call(int_casts_prefetch, grid=(5,), num_scalar_prefetch=1, in_specs=[spec], out_specs=[spec] * 4)
     cpu, emu = emulated.both([idx, a, np.zeros_like(a)] + [np.zeros((5, 8), np.float32) for _ in range(3)], call)
     for i in range(2, 6):
         assert_bits(cpu[i], emu[i], f"output {i}")

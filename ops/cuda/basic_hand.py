@@ -1,4 +1,6 @@
-"""Launchers of the model ops that are neither attention nor GEMM: embedding, RMSNorm, SiLU-and-mul, RoPE + KV write.
+"""The hand-written launchers the JIT kernels replaced (ops/cuda/basic.py now runs ops/jit_ops.py), kept only so that
+perf/gpu_kernels.py --impl hand and perf/eager_profile.py can time both on one card; the engine never calls them.
+Embedding, RMSNorm, SiLU-and-mul, RoPE + KV write.
 
 Each checks its preconditions (ValueError naming the argument), then launches one kernel of ops/kernels/ on the
 current CuPy stream: no host sync and no allocation, so every launch can be captured in a CUDA graph.
@@ -10,11 +12,9 @@ import functools
 import cupy as cp
 import numpy as np
 
+from ops.cuda.basic import INT32, VEC, _check, _same, _shape, _whole_vectors
 from ops.cuda.compile import cuda_type, get_kernel
 
-ACTIVATION_DTYPES = (np.dtype(np.float16), np.dtype(np.uint16))  # uint16 = bfloat16 bits
-INT32 = (np.dtype(np.int32),)
-VEC = 16  # bytes per vector load/store; rows must be whole vectors
 ROPE_HEAD_DIMS = (32, 64, 128, 256)
 ROPE_THREADS = 256
 NORM_VPT = (1, 2, 4, 8)  # 16-byte vectors of a row each thread holds in registers (norm.cu's VPT)
@@ -28,41 +28,6 @@ NORM_THREADS = NORM_MAX_THREADS
 @functools.cache
 def _kernel(filename: str, name: str, defines: tuple[tuple[str, object], ...] = ()) -> cp.RawKernel:
     return get_kernel(filename, name, **dict(defines))
-
-
-def _check(name: str, array, ndim: int, dtypes=ACTIVATION_DTYPES, align: int = VEC) -> None:
-    if not isinstance(array, cp.ndarray):
-        raise ValueError(f"{name} must be a cupy.ndarray, got {type(array).__name__}")
-    if array.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {array.shape}")
-    if array.dtype not in dtypes:
-        allowed = ", ".join(str(d) for d in dtypes)
-        raise ValueError(f"{name} has dtype {array.dtype}; allowed: {allowed} (uint16 holds bfloat16)")
-    if not array.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous (shape {array.shape}, strides {array.strides})")
-    if array.data.ptr % align:
-        raise ValueError(f"{name} must start on a {align}-byte boundary (vector loads)")
-
-
-def _same(name: str, array, like_name: str, like, shape=None) -> None:
-    if array.dtype != like.dtype:
-        raise ValueError(f"{name} has dtype {array.dtype} but {like_name} has {like.dtype}")
-    if shape is not None:
-        _shape(name, array, shape)
-
-
-def _shape(name: str, array, shape) -> None:
-    if array.shape != tuple(shape):
-        raise ValueError(f"{name} has shape {array.shape}, expected {tuple(shape)}")
-
-
-def _whole_vectors(name: str, array) -> int:
-    """Vectors per row of the last axis; rows must be a whole number of 16-byte vectors."""
-    row_bytes = array.shape[-1] * array.itemsize
-    if row_bytes % VEC:
-        raise ValueError(f"{name}: last dimension {array.shape[-1]} x {array.itemsize} bytes is not a multiple of "
-                         f"{VEC} bytes")
-    return row_bytes // VEC
 
 
 def embedding(ids, table, out) -> None:
