@@ -33,6 +33,8 @@ class ModelRunner:
         self.model = LlamaModel(model_config, backend, self.max_model_len)
         with _fetcher(weights, backend) as fetch:
             self.model.load_weights(fetch)
+        if engine_config.quantization == "fp8":
+            self.model.quantize_linears(backend.quantize_weight)
         backend.synchronize()
         self.stage_times["weights"] = time.perf_counter() - t0
         t0 = time.perf_counter()

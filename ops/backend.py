@@ -10,7 +10,7 @@ import logging
 
 import numpy as np
 
-from ops import reference, sampling
+from ops import quant, reference, sampling
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ class NumpyBackend:
     embedding = staticmethod(reference.embedding)
     rms_norm = staticmethod(reference.rms_norm)
     add_rms_norm = staticmethod(reference.add_rms_norm)
-    linear = staticmethod(reference.linear)
+    linear = staticmethod(quant.linear)  # reference.linear, or FP8 math for an Fp8Weight
+    quantize_weight = staticmethod(quant.quantize_weight)
     silu_and_mul = staticmethod(reference.silu_and_mul)
     rope_and_cache = staticmethod(reference.rope_and_cache)
     attention = staticmethod(reference.attention)

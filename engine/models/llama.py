@@ -124,6 +124,13 @@ class LlamaModel:
                 down=fetch(p + "mlp.down_proj.weight"),
             ))
 
+    def quantize_linears(self, quantize: Callable[[Any], Any]) -> None:
+        """Replace each layer's projection weights by quantize(w) (--quantization fp8). The embedding, the norms
+        and lm_head stay in the model dtype, as vLLM's fp8 leaves them."""
+        for layer in self.layers:
+            for name in ("qkv", "o_proj", "gate_up", "down"):
+                setattr(layer, name, quantize(getattr(layer, name)))
+
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> Any:
         """Hidden states after the final norm, [T, H]. kv_caches[i] = (k_cache, v_cache) of layer i."""
         b, c = self.backend, self.config

@@ -1,0 +1,72 @@
+"""FP8 (E4M3) quantization, the numpy reference: weights per output channel, activations per token, and the
+linear layer they make. Its math is the math of an FP8 GEMM with float32 accumulation: both operands rounded to
+E4M3 after scaling, products summed in float32, scaled back.
+
+E4M3 (OCP FP8, as Hopper's tensor cores take it): 1 sign, 4 exponent (bias 7), 3 mantissa bits; the largest
+finite value is 448, S.1111.111 is NaN, there is no infinity. Rounding is to nearest even, saturating at 448
+(ops/jit/dtypes.py holds the bit conversions; the JIT kernels use the same ones).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ops import reference
+from ops.jit import dtypes
+
+E4M3_MAX = 448.0
+METHODS = ("fp8",)
+
+
+@dataclass(frozen=True)
+class Fp8Weight:
+    """A linear weight [N, K] as E4M3 codes (uint8) with one float32 scale per output row: w ~= codes * scale."""
+    codes: np.ndarray  # uint8 [N, K]
+    scale: np.ndarray  # float32 [N]
+
+    @property
+    def shape(self) -> tuple:
+        return self.codes.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scale.nbytes
+
+
+def scales(x: np.ndarray) -> np.ndarray:
+    """One scale per row: the row's largest magnitude maps to 448. An all-zero row gets 1 (its codes are zero)."""
+    amax = np.abs(x).max(axis=-1).astype(np.float32)
+    return np.where(amax > 0, amax / np.float32(E4M3_MAX), np.float32(1.0)).astype(np.float32)
+
+
+def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x [R, C] float -> (E4M3 codes uint8 [R, C], float32 scale [R]) with x ~= codes * scale[:, None]."""
+    x = np.asarray(x, np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError("fp8 quantization: the tensor holds inf or NaN; E4M3 has no infinity to keep them")
+    s = scales(x)
+    return dtypes.float32_to_e4m3_bits(x / s[:, None]), s
+
+
+def dequantize_rows(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return dtypes.e4m3_bits_to_float32(codes) * np.asarray(scale, np.float32)[:, None]
+
+
+def quantize_weight(w: np.ndarray) -> Fp8Weight:
+    """Per output channel (vLLM's fp8 with per-channel weight scales)."""
+    codes, s = quantize_rows(w)
+    return Fp8Weight(codes, s)
+
+
+def linear(x: np.ndarray, weight, bias: np.ndarray | None, out: np.ndarray) -> None:
+    """reference.linear for a float weight; for an Fp8Weight, x is quantized per token (dynamic scales, as the
+    kernel that produces x would) and both operands enter the matmul as their E4M3 values."""
+    if not isinstance(weight, Fp8Weight):
+        reference.linear(x, weight, bias, out)
+        return
+    xq, xs = quantize_rows(x)
+    acc = dtypes.e4m3_bits_to_float32(xq) @ dtypes.e4m3_bits_to_float32(weight.codes).T  # [T, N] float32
+    np.multiply(acc, xs[:, None] * weight.scale[None, :], out=out)
+    if bias is not None:
+        out += bias
