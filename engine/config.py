@@ -48,6 +48,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     model_path: str = ""
+    quantization: str | None = None  # "fp8": the checkpoint's projection weights are E4M3 with *_scale tensors
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -104,6 +105,7 @@ class ModelConfig:
                 bos_token_id=raw.get("bos_token_id"),
                 eos_token_ids=tuple(eos if isinstance(eos, list) else ([] if eos is None else [eos])),
                 model_path=model_path,
+                quantization=_quantization(raw.get("quantization_config")),
             )
         except KeyError as e:
             raise ConfigError(f"config.json: required field {e.args[0]!r} is missing for {arch}") from e
@@ -119,6 +121,28 @@ class ModelConfig:
         except ValueError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from e
         return cls.from_dict(raw, model_path=model_dir)
+
+
+def _quantization(q) -> str | None:
+    """The checkpoint's quantization, as published for vLLM: `quant_method: fp8` (per-tensor or per-channel
+    weight_scale), or compressed-tensors with 8-bit float weights. Anything else is refused by name."""
+    if not q:
+        return None
+    method = q.get("quant_method") if isinstance(q, dict) else None
+    if method == "fp8":
+        if q.get("weight_block_size"):
+            raise ConfigError(f"config.json: fp8 with weight_block_size {q['weight_block_size']} (block-wise scales) "
+                              "is not supported; per-tensor and per-channel weight scales are")
+        return "fp8"
+    if method == "compressed-tensors":
+        for name, group in (q.get("config_groups") or {}).items():
+            w = (group or {}).get("weights") or {}
+            if w.get("type") != "float" or w.get("num_bits") != 8 or w.get("strategy") not in ("tensor", "channel"):
+                raise ConfigError(f"config.json: compressed-tensors group {name!r} has weights {w}; supported: "
+                                  "8-bit float with strategy tensor or channel (FP8 E4M3)")
+        return "fp8"
+    raise ConfigError(f"config.json: quantization_config.quant_method {method!r} is not supported; supported: fp8, "
+                      "compressed-tensors (FP8 weights)")
 
 
 def _rope_theta(raw: dict) -> float:

@@ -71,10 +71,11 @@ class LLMEngine:
         # vLLM's "auto": the checkpoint's dtype, but float16 for float32 checkpoints
         dtype = config.dtype if config.dtype != "auto" else {"float32": "float16"}.get(mc.torch_dtype, mc.torch_dtype)
         self.backend = get_backend(config.device, dtype)
-        if config.quantization and not hasattr(self.backend, "quantize_weight"):
-            raise ConfigError(f"--quantization {config.quantization} runs on the numpy backend only so far: the "
-                              f"{self.backend.name} backend has no FP8 GEMM path yet; serve the checkpoint "
-                              "unquantized, or pass --device numpy")
+        wants = (f"--quantization {config.quantization}" if config.quantization else
+                 f"the checkpoint's quantization_config ({mc.quantization})" if mc.quantization else None)
+        if wants and getattr(self.backend, "quantize_weight", None) is None:
+            raise ConfigError(f"{wants}: FP8 runs on the numpy backend only so far; the {self.backend.name} backend "
+                              "has no FP8 GEMM path yet. Serve an unquantized checkpoint, or pass --device numpy")
         self.stage_times["config and tokenizer"] = time.perf_counter() - t0
         weights = DummyWeights(config.seed) if config.load_format == "dummy" else CheckpointWeights(path)
         with weights:

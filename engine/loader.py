@@ -162,6 +162,23 @@ class CheckpointWeights:
             raise WeightsError(_dtype_message(path, name, dtype))
         return self._files[path].get(name), dtype
 
+    def is_fp8(self, name: str) -> bool:
+        return name in self._where and self.info(name)[1] == "F8_E4M3"
+
+    def get_fp8(self, name: str) -> tuple[np.ndarray, np.ndarray, float | None]:
+        """An F8_E4M3 weight [N, K]: (its codes, a zero-copy uint8 view; float32 scale per row [N] from
+        `<name>_scale`, per tensor or per channel; the static `input_scale` beside it, or None)."""
+        path, dtype, shape = self.info(name)
+        if dtype != "F8_E4M3":
+            raise WeightsError(f"{path}: tensor {name!r} has dtype {dtype}, not F8_E4M3")
+        scale = self.get(name + "_scale").reshape(-1)
+        if scale.size not in (1, shape[0]):
+            raise WeightsError(f"{self.info(name + '_scale')[0]}: {name + '_scale'!r} has {scale.size} values; "
+                               f"expected 1 (per tensor) or {shape[0]} (per output channel)")
+        input_name = name[: -len("weight")] + "input_scale"
+        input_scale = float(self.get(input_name).reshape(-1).max()) if input_name in self._where else None
+        return self._files[path].get(name), np.broadcast_to(scale, (shape[0],)).astype(np.float32), input_scale
+
     def check(self, expected: dict[str, tuple[int, ...]]) -> None:
         """Raise one WeightsError listing every missing tensor, wrong shape and non-float dtype.
 
@@ -176,7 +193,9 @@ class CheckpointWeights:
             path, dtype, got = self.info(name)
             if tuple(got) != tuple(shape):
                 problems.append(f"{path}: tensor {name!r} has shape {list(got)}, expected {list(shape)}")
-            if dtype not in FLOAT_DTYPES:
+            if dtype == "F8_E4M3" and name + "_scale" not in self._where:
+                problems.append(f"{path}: tensor {name!r} is F8_E4M3 but the checkpoint has no {name + '_scale'!r}")
+            elif dtype not in FLOAT_DTYPES and dtype != "F8_E4M3":
                 problems.append(_dtype_message(path, name, dtype))
         if not missing and not problems:
             return

@@ -33,7 +33,7 @@ class ModelRunner:
         self.model = LlamaModel(model_config, backend, self.max_model_len)
         with _fetcher(weights, backend) as fetch:
             self.model.load_weights(fetch)
-        if engine_config.quantization == "fp8":
+        if "fp8" in (engine_config.quantization, model_config.quantization):
             self.model.quantize_linears(backend.quantize_weight)
         backend.synchronize()
         self.stage_times["weights"] = time.perf_counter() - t0

@@ -25,6 +25,7 @@ DTYPES = {
     "I16": np.dtype("<i2"),
     "I8": np.dtype("i1"),
     "U8": np.dtype("u1"),
+    "F8_E4M3": np.dtype("u1"),  # E4M3 bit patterns (FP8 checkpoints)
     "BOOL": np.dtype("?"),
 }
 FLOAT_DTYPES = ("F32", "F16", "BF16")
@@ -117,6 +118,9 @@ def to_float32(array: np.ndarray, dtype: str) -> np.ndarray:
     """Widen a stored tensor to float32; `dtype` is its safetensors name."""
     if dtype == "BF16":
         return (array.astype(np.uint32) << 16).view(np.float32)
+    if dtype == "F8_E4M3":
+        from ops.jit.dtypes import e4m3_bits_to_float32
+        return e4m3_bits_to_float32(array)
     return array.astype(np.float32)
 
 
@@ -130,7 +134,7 @@ def float32_to_bf16_bits(array: np.ndarray) -> np.ndarray:
 def save_file(tensors: dict[str, np.ndarray], path: str, dtypes: dict[str, str] | None = None,
               metadata: dict[str, str] | None = None) -> None:
     """Write arrays as a safetensors file. `dtypes` overrides the stored name (e.g. "BF16" for uint16 bits)."""
-    by_numpy = {v: k for k, v in DTYPES.items() if k != "BF16"}
+    by_numpy = {v: k for k, v in DTYPES.items() if k not in ("BF16", "F8_E4M3")}
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)

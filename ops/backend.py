@@ -43,7 +43,12 @@ class NumpyBackend:
 
     def weight_loader(self, weights):
         """A context giving fetch(*names) -> weight for a CheckpointWeights (ModelRunner loads through it)."""
-        return contextlib.nullcontext(merging(lambda name: self.weight(weights.get(name)), np))
+        def fetch_one(name):
+            if weights.is_fp8(name):  # an FP8 checkpoint's projection: kept as codes and scales
+                codes, scale, input_scale = weights.get_fp8(name)
+                return quant.Fp8Weight(np.array(codes), scale, input_scale)
+            return self.weight(weights.get(name))
+        return contextlib.nullcontext(merging(fetch_one, np))
 
     def random_weight(self, shape, seed: int, mean: float, std: float) -> np.ndarray:
         """A dummy weight (--load-format dummy) drawn from a seeded normal."""
@@ -70,7 +75,10 @@ class NumpyBackend:
 def merging(fetch_one, xp):
     """fetch(*names) from a one-tensor fetch: several names are merged along the first axis (q/k/v, gate/up)."""
     def fetch(*names):
-        return fetch_one(names[0]) if len(names) == 1 else xp.concatenate([fetch_one(n) for n in names])
+        if len(names) == 1:
+            return fetch_one(names[0])
+        parts = [fetch_one(n) for n in names]
+        return quant.concatenate(parts) if isinstance(parts[0], quant.Fp8Weight) else xp.concatenate(parts)
     return fetch
 
 

@@ -24,6 +24,7 @@ class Fp8Weight:
     """A linear weight [N, K] as E4M3 codes (uint8) with one float32 scale per output row: w ~= codes * scale."""
     codes: np.ndarray  # uint8 [N, K]
     scale: np.ndarray  # float32 [N]
+    input_scale: float | None = None  # a checkpoint's static activation scale; None: per token, dynamic
 
     @property
     def shape(self) -> tuple:
@@ -59,13 +60,29 @@ def quantize_weight(w: np.ndarray) -> Fp8Weight:
     return Fp8Weight(codes, s)
 
 
+def concatenate(weights: list[Fp8Weight]) -> Fp8Weight:
+    """Merged projections (q/k/v, gate/up): rows stacked with their scales; one static input scale, the largest
+    (the merged GEMM reads one x, so it takes the scale no part's activations overflow)."""
+    statics = [w.input_scale for w in weights if w.input_scale is not None]
+    if statics and len(statics) != len(weights):
+        raise ValueError("fp8: merged projections mix static and dynamic activation scales")
+    return Fp8Weight(np.concatenate([w.codes for w in weights]), np.concatenate([w.scale for w in weights]),
+                     max(statics) if statics else None)
+
+
+def quantize_static(x: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """x [R, C] with one given scale (a checkpoint's input_scale): values beyond 448 * scale saturate."""
+    codes = dtypes.float32_to_e4m3_bits(np.asarray(x, np.float32) / np.float32(scale))
+    return codes, np.full(x.shape[0], scale, np.float32)
+
+
 def linear(x: np.ndarray, weight, bias: np.ndarray | None, out: np.ndarray) -> None:
     """reference.linear for a float weight; for an Fp8Weight, x is quantized per token (dynamic scales, as the
     kernel that produces x would) and both operands enter the matmul as their E4M3 values."""
     if not isinstance(weight, Fp8Weight):
         reference.linear(x, weight, bias, out)
         return
-    xq, xs = quantize_rows(x)
+    xq, xs = quantize_rows(x) if weight.input_scale is None else quantize_static(x, weight.input_scale)
     acc = dtypes.e4m3_bits_to_float32(xq) @ dtypes.e4m3_bits_to_float32(weight.codes).T  # [T, N] float32
     np.multiply(acc, xs[:, None] * weight.scale[None, :], out=out)
     if bias is not None:

@@ -12,6 +12,7 @@ from engine.config import ModelConfig
 from ops import fusion
 from ops.fusion import ATTENTION, BIAS, GEMM, HEAD, Buffer, Op
 from ops.metadata import AttentionMetadata
+from ops.quant import Fp8Weight
 from ops.reference import rope_cos_sin
 
 
@@ -129,7 +130,9 @@ class LlamaModel:
         and lm_head stay in the model dtype, as vLLM's fp8 leaves them."""
         for layer in self.layers:
             for name in ("qkv", "o_proj", "gate_up", "down"):
-                setattr(layer, name, quantize(getattr(layer, name)))
+                w = getattr(layer, name)
+                if not isinstance(w, Fp8Weight):  # an FP8 checkpoint's weights come quantized
+                    setattr(layer, name, quantize(w))
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> Any:
         """Hidden states after the final norm, [T, H]. kv_caches[i] = (k_cache, v_cache) of layer i."""
