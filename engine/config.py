@@ -224,6 +224,7 @@ class EngineConfig:
     async_scheduling: bool | None = None  # decode one step ahead of the host; None: on where graphs run
     skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks on config-only dirs)
     quantization: str | None = None  # "fp8": linear weights as E4M3 per output channel, activations per token
+    kv_cache_dtype: str = "auto"  # "fp8" / "fp8_e4m3": K and V stored as E4M3 with a scale per KV head
     cache: CacheConfig = field(init=False)
     scheduler: SchedulerConfig = field(init=False)
 
@@ -236,6 +237,8 @@ class EngineConfig:
             raise ConfigError(f"load_format must be auto, safetensors or dummy; got {self.load_format!r}")
         if self.quantization is not None and self.quantization not in ("fp8",):
             raise ConfigError(f"quantization must be fp8 or unset; got {self.quantization!r}")
+        if self.kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3"):
+            raise ConfigError(f"kv_cache_dtype must be auto, fp8 or fp8_e4m3 (E4M3); got {self.kv_cache_dtype!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         self.cache = CacheConfig(num_blocks=self.num_kv_blocks, enable_prefix_caching=self.enable_prefix_caching)

@@ -41,9 +41,18 @@ class ModelRunner:
         self.num_blocks = engine_config.cache.num_blocks or self._auto_num_blocks(engine_config)
         c = model_config
         # One allocation for all layers: [layers, k/v, blocks, Hkv, block_size, D].
-        self.kv_cache = backend.zeros((c.num_hidden_layers, 2, self.num_blocks, c.num_key_value_heads,
-                                       self.block_size, c.head_dim))
-        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(c.num_hidden_layers)]
+        shape = (c.num_hidden_layers, 2, self.num_blocks, c.num_key_value_heads, self.block_size, c.head_dim)
+        if engine_config.kv_cache_dtype == "auto":
+            self.kv_cache = backend.zeros(shape)
+            self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(c.num_hidden_layers)]
+        else:  # E4M3 codes, a byte an element: a quarter of the numpy backend's float32, half of fp16
+            from ops.quant import Fp8Cache
+            self.kv_cache = backend.zeros(shape, dtype=np.uint8)
+            self.kv_caches = [tuple(Fp8Cache(self.kv_cache[i, j], _kv_scale(weights, i, "kv"[j], c.num_key_value_heads))
+                                    for j in range(2)) for i in range(c.num_hidden_layers)]
+            logger.info("KV cache: fp8 e4m3, %d blocks of %d tokens, %.1f MiB (%d bytes a block and layer; fp16 would "
+                        "take twice that)", self.num_blocks, self.block_size, self.kv_cache.nbytes / 2**20,
+                        self.kv_cache[0, :, 0].nbytes)
         self.stage_times["KV cache"] = time.perf_counter() - t0
         self.num_computed_tokens_total = 0  # tokens run through the model: tests check prefix hits skip work
         self.graphs = None
@@ -142,6 +151,19 @@ class ModelRunner:
             self._last_sampled = out.token_ids
             return DeferredSample(lambda: out)
         return out
+
+
+def _kv_scale(weights, layer: int, which: str, num_kv_heads: int) -> np.ndarray:
+    """Layer `layer`'s k or v cache scale per KV head: the checkpoint's self_attn.{k,v}_scale (one value, or one a
+    head) where it has one, else 1.0 (vLLM's default without calibrated scales)."""
+    name = f"model.layers.{layer}.self_attn.{which}_scale"
+    from engine.loader import CheckpointWeights
+    if not isinstance(weights, CheckpointWeights) or name not in weights:
+        return np.ones(num_kv_heads, np.float32)
+    scale = weights.get(name).reshape(-1)
+    if scale.size not in (1, num_kv_heads):
+        raise ValueError(f"{name} has {scale.size} values; expected 1 or one per KV head ({num_kv_heads})")
+    return np.broadcast_to(scale, (num_kv_heads,)).astype(np.float32)
 
 
 def _fetcher(weights, backend):

@@ -35,6 +35,26 @@ class Fp8Weight:
         return self.codes.nbytes + self.scale.nbytes
 
 
+@dataclass(frozen=True)
+class Fp8Cache:
+    """One layer's K or V cache in E4M3: codes [num_blocks, Hkv, block_size, D] uint8 and a float32 scale per KV
+    head [Hkv] (a checkpoint's k_scale / v_scale, else 1.0, as vLLM takes them); value ~= code * scale."""
+    codes: np.ndarray
+    scale: np.ndarray
+
+    @property
+    def shape(self) -> tuple:
+        return self.codes.shape
+
+    def store(self, blocks: np.ndarray, offsets: np.ndarray, values: np.ndarray) -> None:
+        """values [n, Hkv, D] into slots (blocks[i], offsets[i]); beyond 448 x scale they saturate."""
+        self.codes[blocks, :, offsets] = dtypes.float32_to_e4m3_bits(values / self.scale[None, :, None])
+
+    def gather(self, blocks: np.ndarray) -> np.ndarray:
+        """The blocks' values, float32 [len(blocks), Hkv, block_size, D]."""
+        return dtypes.e4m3_bits_to_float32(self.codes[blocks]) * self.scale[None, :, None, None]
+
+
 def scales(x: np.ndarray) -> np.ndarray:
     """One scale per row: the row's largest magnitude maps to 448. An all-zero row gets 1 (its codes are zero)."""
     amax = np.abs(x).max(axis=-1).astype(np.float32)

@@ -80,8 +80,11 @@ def rope_and_cache(qkv: np.ndarray, positions: np.ndarray, slot_mapping: np.ndar
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
     blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, :, offsets] = k[valid]
-    v_cache[blocks, :, offsets] = v[valid]
+    for cache, values in ((k_cache, k[valid]), (v_cache, v[valid])):
+        if isinstance(cache, np.ndarray):
+            cache[blocks, :, offsets] = values
+        else:  # an FP8 cache (ops/quant.Fp8Cache) rounds what it stores
+            cache.store(blocks, offsets, values)
 
 
 def attention(qkv: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, meta: AttentionMetadata,
@@ -103,8 +106,7 @@ def attention(qkv: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, meta: A
             continue
         blocks = meta.block_tables[b, : -(-ctx // block_size)]
         # k, v: [Hkv, ctx, D] gathered block by block from the cache
-        k = k_cache[blocks].transpose(1, 0, 2, 3).reshape(hkv, -1, d)[:, :ctx]
-        v = v_cache[blocks].transpose(1, 0, 2, 3).reshape(hkv, -1, d)[:, :ctx]
+        k, v = (_gather(cache, blocks).transpose(1, 0, 2, 3).reshape(hkv, -1, d)[:, :ctx] for cache in (k_cache, v_cache))
         q = qkv[start:end, : hq * d].reshape(end - start, hkv, group, d)
         scores = np.einsum("tkgd,ksd->kgts", q, k) * scale  # [Hkv, group, q_len, ctx]
         q_pos = np.arange(ctx - (end - start), ctx)[:, None]
@@ -114,6 +116,10 @@ def attention(qkv: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, meta: A
         probs /= probs.sum(axis=-1, keepdims=True)
         o = np.einsum("kgts,ksd->tkgd", probs.astype(np.float32), v)
         out[start:end] = o.reshape(end - start, hq * d)
+
+
+def _gather(cache, blocks: np.ndarray) -> np.ndarray:
+    return cache[blocks] if isinstance(cache, np.ndarray) else cache.gather(blocks)
 
 
 def rope_cos_sin(head_dim: int, max_positions: int, theta: float, scaling=None) -> np.ndarray:

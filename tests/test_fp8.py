@@ -228,3 +228,46 @@ def test_fp8_checkpoint_errors_name_the_problem(checkpoint, tmp_path, monkeypatc
     with pytest.raises(WeightsError, match="'model.layers.0.mlp.down_proj.weight' is F8_E4M3 but the checkpoint "
                                            "has no 'model.layers.0.mlp.down_proj.weight_scale'"):
         LLMEngine(EngineConfig(model=fp8_dir, device="numpy"))
+
+
+# --- the FP8 KV cache ---------------------------------------------------------------------------------------------
+
+def test_fp8_cache_stores_codes_and_reads_them_scaled():
+    cache = quant.Fp8Cache(np.zeros((3, 2, 16, 8), np.uint8), np.array([1.0, 0.5], np.float32))
+    values = np.array([[[1.0625] * 8, [0.3] * 8]], np.float32)  # one slot, two heads
+    cache.store(np.array([2]), np.array([5]), values)
+    got = cache.gather(np.array([2]))[0, :, 5]
+    np.testing.assert_array_equal(got[0], 1.0)  # rounded to even at scale 1
+    np.testing.assert_allclose(got[1], 0.3, rtol=2.0 ** -4)  # 0.6 in codes, halved back
+    assert not cache.codes[[0, 1]].any() and not cache.codes[2, :, [4, 6]].any()  # nothing else written
+
+
+def test_fp8_kv_cache_model_prefix_caching_and_preemption(checkpoint, rng, caplog):
+    import logging
+    path, _ = checkpoint("qwen2_untied")
+    base = LLMEngine(EngineConfig(model=path, device="numpy", max_model_len=128))
+    with caplog.at_level(logging.INFO):
+        fp8 = LLMEngine(EngineConfig(model=path, device="numpy", max_model_len=128, kv_cache_dtype="fp8"))
+    assert "KV cache: fp8 e4m3" in caplog.text and fp8.runner.kv_cache.dtype == np.uint8
+    ids = rng.integers(0, VOCAB, 50).tolist()
+    cos = _cosines(_all_logits(fp8, ids), _all_logits(base, ids))
+    print(f"fp8 KV cache: cosine min {cos.min():.4f} mean {cos.mean():.4f}")
+    assert cos.mean() >= 0.99 and cos.min() >= 0.97  # only K and V are rounded: closer than fp8 weights
+    # preemption (13 blocks cannot hold the four) and a prefix hit (the repeated prompt) give what a roomy
+    # engine with the same FP8 cache gives
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in (5, 17, 33, 50)] + [ids]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    tight = LLMEngine(EngineConfig(model=path, device="numpy", max_model_len=128, kv_cache_dtype="fp8_e4m3",
+                                   num_kv_blocks=13, max_num_batched_tokens=24))
+    roomy = LLMEngine(EngineConfig(model=path, device="numpy", max_model_len=128, kv_cache_dtype="fp8"))
+    roomy.generate([ids], params)  # fills the prefix cache with ids' blocks
+    before = roomy.runner.num_computed_tokens_total
+    want = roomy.generate(prompts, params)
+    # without a hit: every prompt token and 23 decode tokens a sequence; the hit skips ids' three full blocks
+    assert roomy.runner.num_computed_tokens_total - before <= sum(map(len, prompts)) + 5 * 23 - 48
+    got = tight.generate(prompts, params)
+    assert tight.scheduler.num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert tight.block_manager.usage == 0.0
+    with pytest.raises(ConfigError, match="fp8_e5m2"):
+        EngineConfig(kv_cache_dtype="fp8_e5m2")
