@@ -137,9 +137,20 @@ def _silu_mul(v, op):
     return {op.outputs[0]: v[g] / (1.0 + jit.exp(-v[g])) * v[u]}
 
 
-TILE_FNS: dict[str, Callable] = {"add": _add, "rms_norm": _rms_norm, "silu_mul": _silu_mul}  # (SiLU x mul runs as
-# jit_ops.silu_and_mul, which reads gate and up as halves of one row in autotuned column blocks.)
-REDUCES = {"rms_norm"}  # needs the whole row in one block
+def _quantize_fp8(v, op):
+    """Per row (token): scale = amax / 448 (1 for an all-zero row), codes = x / scale, rounded to E4M3 by their
+    store. The arithmetic of ops/quant.quantize_rows, so the two agree bit for bit."""
+    (x,), (codes, scale) = op.inputs, op.outputs
+    amax = jit.max(jit.abs(v[x]))
+    s = jit.where(amax > 0.0, amax / 448.0, 1.0)
+    return {codes: v[x] / s, scale: s}
+
+
+TILE_FNS: dict[str, Callable] = {"add": _add, "rms_norm": _rms_norm, "silu_mul": _silu_mul,
+                                 "quantize_fp8": _quantize_fp8}
+# (SiLU x mul runs as jit_ops.silu_and_mul, which reads gate and up as halves of one row in autotuned column blocks.)
+REDUCES = {"rms_norm", "quantize_fp8"}  # need the whole row in one block
+EPS = {"rms_norm"}  # take a runtime eps
 
 
 def add(a: str, b: str, out: str, width: int) -> Op:
@@ -154,6 +165,11 @@ def silu_mul(gate: str, up: str, out: str, width: int) -> Op:
     return Op("silu_mul", ROW, (gate, up), (out,), width)
 
 
+def quantize_fp8(x: str, codes: str, scale: str, width: int) -> Op:
+    """x [T, width] -> E4M3 codes [T, width] (uint8) and a float32 scale per row [T, 1]."""
+    return Op("quantize_fp8", ROW, (x,), (codes, scale), width)
+
+
 @functools.cache
 def row_kernel(ops: tuple[Op, ...], weights: frozenset, stores: tuple[str, ...]):
     """One pallas_call for a run of row ops (all one width, the whole row a block). Call it with the arrays of
@@ -161,7 +177,7 @@ def row_kernel(ops: tuple[Op, ...], weights: frozenset, stores: tuple[str, ...])
     width = ops[0].width
     names = tuple(operands(ops, stores))
     reads = tuple(Kernel(ROW, list(ops)).reads())
-    norms = tuple(i for i, o in enumerate(ops) if o.name in REDUCES)
+    norms = tuple(i for i, o in enumerate(ops) if o.name in EPS)
     rows_of = next(i for i, n in enumerate(names) if n not in weights)  # an activation: its rows are the grid
 
     def body(*refs, **scalars):
@@ -178,8 +194,10 @@ def row_kernel(ops: tuple[Op, ...], weights: frozenset, stores: tuple[str, ...])
 
     row = BlockSpec((None, width), lambda i: (i, 0))
     whole = BlockSpec((width,), lambda i: (0,))
-    return jit.pallas_call(body, grid=lambda *a: (a[rows_of].shape[0],), in_specs=[whole if n in weights else row
-                                                                                   for n in names],
+    per_row = BlockSpec((None, 1), lambda i: (i, 0))  # a [T, 1] value per row: a quantization scale
+    scales = {o.outputs[1] for o in ops if o.name == "quantize_fp8"}
+    specs = [whole if n in weights else per_row if n in scales else row for n in names]
+    return jit.pallas_call(body, grid=lambda *a: (a[rows_of].shape[0],), in_specs=specs,
                            name="_".join(o.name for o in ops))
 
 

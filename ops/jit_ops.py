@@ -69,6 +69,41 @@ def _add_norm_call(h):  # ... and for [add, rms_norm] (the residual is stored: i
                              frozenset({"w"}), ("residual", "out"))
 
 
+def rms_norm_fp8(x, weight, eps: float, out, codes, scale) -> None:
+    """rms_norm, and its output quantized per token for an FP8 GEMM: codes [T, H] uint8 (E4M3), scale [T, 1]
+    float32. out gets the norm in the model dtype too (one kernel; the quantizer reads it as out holds it)."""
+    _norm_fp8_call(x.shape[1])(x, weight, out, codes, scale, eps0=float(eps))
+
+
+def add_rms_norm_fp8(x, residual, weight, eps: float, out, codes, scale) -> None:
+    """add_rms_norm with the normed row quantized per token as rms_norm_fp8 does: one kernel."""
+    _add_norm_fp8_call(x.shape[1])(x, residual, weight, out, codes, scale, eps0=float(eps))
+
+
+def quantize_fp8(x, codes, scale) -> None:
+    """Rows of x [R, C] to E4M3 codes with a float32 scale per row [R, 1] (ops/quant.quantize_rows on the GPU):
+    activations per token, or a weight per output channel at load."""
+    _quantize_call(x.shape[1])(x, codes, scale)
+
+
+@_kept
+def _norm_fp8_call(h):
+    return fusion.row_kernel((fusion.rms_norm("x", "w", "out", h), fusion.quantize_fp8("out", "codes", "scale", h)),
+                             frozenset({"w"}), ("out", "codes", "scale"))
+
+
+@_kept
+def _add_norm_fp8_call(h):
+    return fusion.row_kernel((fusion.add("x", "residual", "residual", h), fusion.rms_norm("residual", "w", "out", h),
+                              fusion.quantize_fp8("out", "codes", "scale", h)),
+                             frozenset({"w"}), ("residual", "out", "codes", "scale"))
+
+
+@_kept
+def _quantize_call(c):
+    return fusion.row_kernel((fusion.quantize_fp8("x", "codes", "scale", c),), frozenset(), ("codes", "scale"))
+
+
 def _silu_and_mul(gate_ref, up_ref, out_ref):
     g = gate_ref[...]
     out_ref[...] = g / (1.0 + jit.exp(-g)) * up_ref[...]

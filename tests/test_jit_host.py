@@ -417,3 +417,29 @@ def test_emulator_exposes_a_missing_syncthreads():
 def test_emulator_reports_what_a_gpu_would_not(mode, error, match):
     with pytest.raises(error, match=match):
         _probe(mode)
+
+
+# --- FP8 quantizers (issue #13): the generated ones are ops/quant's arithmetic, bit for bit -------------------
+
+@pytest.mark.parametrize("dtype", list(STORAGE))
+@pytest.mark.parametrize("h", [200, 896, 3584])
+def test_fp8_quantizers(emulated, dtype, h):
+    from ops import quant
+    rng = np.random.default_rng(SEED + h)
+    x, res, w = stored(rng, (5, h), dtype), stored(rng, (5, h), dtype), stored(rng, (h,), dtype)
+    codes, scale = np.full((5, h), 3, np.uint8), np.full((5, 1), np.nan, np.float32)
+    wide = (rng.standard_normal((7, h)) * rng.uniform(1e-3, 1e3, (7, 1))).astype(np.float32)
+    wide[4] = 0.0
+    cpu, emu = emulated.both([wide, codes[:1].repeat(7, 0), scale[:1].repeat(7, 0)], jit_ops.quantize_fp8)
+    want_codes, want_scale = quant.quantize_rows(wide)
+    for got in (cpu, emu):
+        np.testing.assert_array_equal(got[1], want_codes)
+        np.testing.assert_array_equal(got[2][:, 0], want_scale)
+    out = np.zeros((5, h), STORAGE[dtype])
+    cpu, emu = emulated.both([x, res, w, out, codes, scale],
+                             lambda x, r, w, o, c, s: jit_ops.add_rms_norm_fp8(x, r, w, 1e-6, o, c, s))
+    assert_bits(cpu[1], emu[1], "residual")
+    for got in (cpu, emu):  # the codes are those of the normed row as stored
+        c, s = quant.quantize_rows(dtypes.to_float32(got[3], dtypes.get(dtype)))
+        np.testing.assert_array_equal(got[4], c)
+        np.testing.assert_array_equal(got[5][:, 0], s)
