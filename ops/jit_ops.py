@@ -137,7 +137,7 @@ def silu_and_mul(x, out) -> None:
 
 
 def _rope_cache(pos, slots, lo_ref, hi_ref, cos_ref, sin_ref, qn_lo, qn_hi, kn_lo, kn_hi,
-                kc_lo, kc_hi, vc_lo, vc_hi, *, eps, group, qk_norm):
+                kc_lo, kc_hi, vc_lo, vc_hi, *scales, eps, group, qk_norm, fp8):
     j = jit.program_id(1)  # which heads: q heads j*Hkv.. for j < group, then the k heads, then the v heads
     v1 = x1 = lo_ref[...]
     v2 = x2 = hi_ref[...]
@@ -151,6 +151,9 @@ def _rope_cache(pos, slots, lo_ref, hi_ref, cos_ref, sin_ref, qn_lo, qn_hi, kn_l
     rotate = is_q | is_k
     lo_ref.store(o1, mask=rotate)
     hi_ref.store(o2, mask=rotate)
+    if fp8:  # an E4M3 cache holds value / scale, a scale per KV head (one per row of the tile); the store rounds
+        ks, vs = scales[0][...], scales[1][...]
+        o1, o2, v1, v2 = o1 / ks, o2 / ks, v1 / vs, v2 / vs
     kc_lo.store(o1, mask=is_k)
     kc_hi.store(o2, mask=is_k)
     vc_lo.store(v1, mask=is_v)  # v as it came: no norm, no rotation
@@ -158,9 +161,11 @@ def _rope_cache(pos, slots, lo_ref, hi_ref, cos_ref, sin_ref, qn_lo, qn_hi, kn_l
 
 
 def rope_and_cache(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin, q_norm=None, k_norm=None,
-                   eps: float = 1e-6) -> None:
+                   eps: float = 1e-6, kv_scale=None) -> None:
     """ops/reference.rope_and_cache: rotate q, k in place (neox halves), optional per-head RMSNorm first, write k, v
-    to the paged cache at slot_mapping (slot -1: not written). Programs: (token, head group of Hkv heads)."""
+    to the paged cache at slot_mapping (slot -1: not written). Programs: (token, head group of Hkv heads).
+    An FP8 cache (uint8 E4M3 codes, as ops/quant.Fp8Cache holds them) takes kv_scale: float32 [2, Hkv], the k and
+    v scale of each KV head."""
     nb, hkv, bs, d = k_cache.shape
     t, width = qkv.shape
     hq = width // d - 2 * hkv
@@ -176,12 +181,18 @@ def rope_and_cache(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin, q_no
         return
     norms = (q_norm, k_norm) if q_norm is not None else (qkv[0, :d],) * 2  # stand-ins, never read
     qn, kn = (w.reshape(2, half) for w in norms)
-    _rope_cache_call(hq // hkv, hkv, bs, half, q_norm is not None)(
-        positions, slot_mapping, heads, heads, table, table, qn, qn, kn, kn, kc, kc, vc, vc, eps=float(eps))
+    fp8 = k_cache.dtype == np.uint8
+    if fp8 != (kv_scale is not None) or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"rope_and_cache: caches {k_cache.dtype}/{v_cache.dtype} with kv_scale "
+                         f"{'given' if kv_scale is not None else 'None'}: an E4M3 (uint8) cache pair needs kv_scale "
+                         "[2, Hkv], a float16/bfloat16 pair none")
+    scales = (kv_scale.reshape(2, hkv, 1),) * 2 if fp8 else ()
+    _rope_cache_call(hq // hkv, hkv, bs, half, q_norm is not None, fp8)(
+        positions, slot_mapping, heads, heads, table, table, qn, qn, kn, kn, kc, kc, vc, vc, *scales, eps=float(eps))
 
 
 @_kept
-def _rope_cache_call(group, hkv, bs, half, qk_norm):
+def _rope_cache_call(group, hkv, bs, half, qk_norm, fp8=False):
     def block(part):
         return BlockSpec((None, hkv, None, half), lambda i, j, p, s: (i, j, part, 0))
 
@@ -194,8 +205,9 @@ def _rope_cache_call(group, hkv, bs, half, qk_norm):
     def cache(part):
         return BlockSpec((None, hkv, None, None, half), lambda i, j, p, s: (s[i] // bs, 0, s[i] % bs, part, 0))
 
-    return jit.pallas_call(functools.partial(_rope_cache, group=group, qk_norm=qk_norm),
+    per_head = [BlockSpec((None, hkv, 1), lambda i, j, p, s, part=part: (part, 0, 0)) for part in (0, 1)] if fp8 else []
+    return jit.pallas_call(functools.partial(_rope_cache, group=group, qk_norm=qk_norm, fp8=fp8),
                            grid=lambda pos, *_: (pos.shape[0], group + 2), num_scalar_prefetch=2,
                            in_specs=[block(0), block(1), trig(0), trig(1), weight(0), weight(1), weight(0), weight(1)],
-                           out_specs=[cache(0), cache(1), cache(0), cache(1)],
-                           name=f"rope_cache{'_qknorm' if qk_norm else ''}")
+                           out_specs=[cache(0), cache(1), cache(0), cache(1)] + per_head,
+                           name=f"rope_cache{'_qknorm' if qk_norm else ''}{'_fp8' if fp8 else ''}")

@@ -272,3 +272,28 @@ def test_fp8_kv_cache_model_prefix_caching_and_preemption(checkpoint, rng, caplo
     assert tight.block_manager.usage == 0.0
     with pytest.raises(ConfigError, match="fp8_e5m2"):
         EngineConfig(kv_cache_dtype="fp8_e5m2")
+
+
+@pytest.mark.parametrize("d,hq,hkv", [(64, 8, 2), (128, 4, 4), (80, 8, 1)])
+def test_jit_rope_writes_the_fp8_cache_the_reference_writes(d, hq, hkv):
+    """The generated rope_and_cache with E4M3 caches (the GPU path's kernel, run by the interpreter) stores the
+    codes ops/quant.Fp8Cache stores: value / per-head scale, rounded to nearest even."""
+    from ops import jit_ops, reference
+    rng = np.random.default_rng(d + hq)
+    t, nb = 9, 3
+    qkv = (rng.standard_normal((t, (hq + 2 * hkv) * d)) * 3).astype(np.float32)
+    positions = rng.integers(0, 100, t).astype(np.int32)
+    slots = rng.permutation(nb * 16)[:t].astype(np.int32)
+    slots[::3] = -1
+    cos_sin = reference.rope_cos_sin(d, 128, 1e4)
+    kv_scale = rng.uniform(0.2, 2.0, (2, hkv)).astype(np.float32)
+    caches = [quant.Fp8Cache(np.zeros((nb, hkv, 16, d), np.uint8), kv_scale[i]) for i in range(2)]
+    want = qkv.copy()
+    reference.rope_and_cache(want, positions, slots, *caches, cos_sin)
+    got, kc, vc = qkv.copy(), np.zeros((nb, hkv, 16, d), np.uint8), np.zeros((nb, hkv, 16, d), np.uint8)
+    jit_ops.rope_and_cache(got, positions, slots, kc, vc, cos_sin, kv_scale=kv_scale)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(kc, caches[0].codes)
+    np.testing.assert_array_equal(vc, caches[1].codes)
+    with pytest.raises(ValueError, match="needs kv_scale"):
+        jit_ops.rope_and_cache(got, positions, slots, kc, vc, cos_sin)

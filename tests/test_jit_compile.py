@@ -39,6 +39,10 @@ def model_launches():
                     jit_ops.rope_and_cache(np.zeros((2, (hq + 2 * hkv) * d), storage), np.zeros(2, np.int32),
                                            np.zeros(2, np.int32), cache, cache.copy(),
                                            reference.rope_cos_sin(d, 4, 1e4), norm, norm)
+                    fp8 = np.zeros((2, hkv, 16, d), np.uint8)
+                    jit_ops.rope_and_cache(np.zeros((2, (hq + 2 * hkv) * d), storage), np.zeros(2, np.int32),
+                                           np.zeros(2, np.int32), fp8, fp8.copy(), reference.rope_cos_sin(d, 4, 1e4),
+                                           norm, norm, kv_scale=np.ones((2, hkv), np.float32))
             launches += log
     unique = {launch.source(): launch for launch in launches}
     return list(unique.values())

@@ -443,3 +443,22 @@ def test_fp8_quantizers(emulated, dtype, h):
         c, s = quant.quantize_rows(dtypes.to_float32(got[3], dtypes.get(dtype)))
         np.testing.assert_array_equal(got[4], c)
         np.testing.assert_array_equal(got[5][:, 0], s)
+
+
+@pytest.mark.parametrize("dtype", list(STORAGE))
+@pytest.mark.parametrize("d,hq,hkv", [(64, 8, 2), (80, 8, 1), (128, 28, 4)])
+def test_rope_writes_an_fp8_cache(emulated, dtype, d, hq, hkv):
+    rng = np.random.default_rng(SEED + d)
+    t, nb = 6, 2
+    qkv = stored(rng, (t, (hq + 2 * hkv) * d), dtype)
+    positions = rng.integers(0, 100, t).astype(np.int32)
+    slots = rng.permutation(nb * 16)[:t].astype(np.int32)
+    slots[1] = -1
+    kv_scale = rng.uniform(0.05, 1.0, (2, hkv)).astype(np.float32)
+    caches = [np.full((nb, hkv, 16, d), 5, np.uint8) for _ in range(2)]
+    cpu, emu = emulated.both([qkv, positions, slots, *caches, reference.rope_cos_sin(d, 128, 1e4), kv_scale],
+                             lambda q, p, s, k, v, cs, sc: jit_ops.rope_and_cache(q, p, s, k, v, cs, kv_scale=sc))
+    assert_match(cpu[0], emu[0], dtype, "qkv")
+    for i, what in ((3, "k_cache"), (4, "v_cache")):
+        assert (cpu[i] != 5).any()  # something was written
+        assert_bits(cpu[i], emu[i], what)  # no transcendental between load and store: the same codes
