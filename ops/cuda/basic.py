@@ -122,6 +122,16 @@ def rope_and_cache(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin,
     block_size, D]; cos_sin: [max_pos, D] float32 (cos | sin); q_norm, k_norm: [D]. Positions must be in
     [0, max_pos) and slots below num_blocks * block_size: they are not checked (that would need a sync).
     """
+    num_tokens, _, _, _, head_dim = check_rope(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin, q_norm, k_norm)
+    if head_dim % 2 or head_dim // 2 * qkv.itemsize % 4:
+        raise ValueError(f"rope_and_cache: head_dim {head_dim} must be even with halves of whole 4-byte words")
+    if num_tokens == 0:
+        return
+    jit_ops.rope_and_cache(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin, q_norm, k_norm, eps)
+
+
+def check_rope(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin, q_norm, k_norm) -> tuple[int, ...]:
+    """rope_and_cache's preconditions (ValueError naming the argument); (T, Hq, Hkv, block_size, D)."""
     _check("qkv", qkv, 2)
     _check("positions", positions, 1, INT32, align=4)
     _check("slot_mapping", slot_mapping, 1, INT32, align=4)
@@ -131,8 +141,6 @@ def rope_and_cache(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin,
     _same("k_cache", k_cache, "qkv", qkv)
     _same("v_cache", v_cache, "k_cache", k_cache, k_cache.shape)
     _, num_kv_heads, block_size, head_dim = k_cache.shape
-    if head_dim % 2 or head_dim // 2 * qkv.itemsize % 4:
-        raise ValueError(f"rope_and_cache: head_dim {head_dim} must be even with halves of whole 4-byte words")
     num_tokens, width = qkv.shape
     num_q_heads = width // head_dim - 2 * num_kv_heads
     if width % head_dim or num_q_heads <= 0:
@@ -146,8 +154,6 @@ def rope_and_cache(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin,
         for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
             _check(name, w, 1)
             _same(name, w, "qkv", qkv, (head_dim,))
-    if num_tokens == 0:
-        return
     if num_q_heads % num_kv_heads:
         raise ValueError(f"rope_and_cache: {num_q_heads} query heads are not a multiple of {num_kv_heads} KV heads")
-    jit_ops.rope_and_cache(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin, q_norm, k_norm, eps)
+    return num_tokens, num_q_heads, num_kv_heads, block_size, head_dim

@@ -12,7 +12,7 @@ import functools
 import cupy as cp
 import numpy as np
 
-from ops.cuda.basic import INT32, VEC, _check, _same, _shape, _whole_vectors
+from ops.cuda.basic import INT32, VEC, _check, _same, _whole_vectors, check_rope
 from ops.cuda.compile import cuda_type, get_kernel
 
 ROPE_HEAD_DIMS = (32, 64, 128, 256)
@@ -113,30 +113,10 @@ def rope_and_cache(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin,
     block_size, D]; cos_sin: [max_pos, D] float32 (cos | sin); q_norm, k_norm: [D]. Positions must be in
     [0, max_pos) and slots below num_blocks * block_size: they are not checked (that would need a sync).
     """
-    _check("qkv", qkv, 2)
-    _check("positions", positions, 1, INT32, align=4)
-    _check("slot_mapping", slot_mapping, 1, INT32, align=4)
-    _check("k_cache", k_cache, 4)
-    _check("v_cache", v_cache, 4)
-    _check("cos_sin", cos_sin, 2, (np.dtype(np.float32),))
-    _same("k_cache", k_cache, "qkv", qkv)
-    _same("v_cache", v_cache, "k_cache", k_cache, k_cache.shape)
-    _, num_kv_heads, block_size, head_dim = k_cache.shape
+    num_tokens, num_q_heads, num_kv_heads, block_size, head_dim = check_rope(
+        qkv, positions, slot_mapping, k_cache, v_cache, cos_sin, q_norm, k_norm)
     if head_dim not in ROPE_HEAD_DIMS:
         raise ValueError(f"rope_and_cache: head_dim {head_dim} is not supported; supported: {ROPE_HEAD_DIMS}")
-    num_tokens, width = qkv.shape
-    num_q_heads = width // head_dim - 2 * num_kv_heads
-    if width % head_dim or num_q_heads <= 0:
-        raise ValueError(f"rope_and_cache: qkv width {width} is not (Hq + 2 * {num_kv_heads}) * {head_dim}")
-    _shape("positions", positions, (num_tokens,))
-    _shape("slot_mapping", slot_mapping, (num_tokens,))
-    _shape("cos_sin", cos_sin, (cos_sin.shape[0], head_dim))
-    if (q_norm is None) != (k_norm is None):
-        raise ValueError("rope_and_cache: q_norm and k_norm go together (both or neither)")
-    if q_norm is not None:
-        for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
-            _check(name, w, 1)
-            _same(name, w, "qkv", qkv, (head_dim,))
     if num_tokens == 0:
         return
     defines = (("BLOCK_SIZE", block_size), ("DTYPE", cuda_type(qkv.dtype)), ("HEAD_DIM", head_dim),
