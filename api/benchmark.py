@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
     p.add_argument("--device", default="auto", choices=["auto", "numpy", "cuda"])
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--quantization", "-q", default=None, choices=("fp8",), help="fp8: E4M3 projection weights")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "fp8_e4m3"))
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each decode step before the last one's tokens reach the host (default: with graphs)")
     p.add_argument("--seed", type=int, default=0)
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, dtype=args.dtype, device=args.device, seed=args.seed, load_format=args.load_format,
         max_num_seqs=max(ns), max_model_len=args.input_len + args.output_len + 16,
         max_num_batched_tokens=max(8192, max(ns) * args.input_len), enforce_eager=args.enforce_eager,
-        async_scheduling=args.async_scheduling,
+        async_scheduling=args.async_scheduling, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
         skip_tokenizer_init=bool(args.model) and not has_tokenizer))
     startup = time.perf_counter() - t0
     print(f"engine ready in {startup:.2f} s ({engine.backend.name}); stages: "
@@ -73,8 +75,9 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         r.update(resources)
     print_table(rows)
-    print("cold start to first token {} s, CPU RSS {} MiB (peak {} MiB), GPU memory {} MiB".format(
-        *(resources.get(k, "-") for k in ("cold_start_first_token_s", "rss_mib", "rss_peak_mib", "gpu_memory_mib"))))
+    print("cold start to first token {} s, CPU RSS {} MiB (peak {} MiB), GPU memory {} MiB, weights {} GiB, "
+          "{} KV blocks".format(*(resources.get(k, "-") for k in ("cold_start_first_token_s", "rss_mib", "rss_peak_mib",
+                                                                   "gpu_memory_mib", "weights_gib", "kv_blocks"))))
     record(rows, args, engine)
     return 0
 
@@ -98,6 +101,8 @@ def resource_figures(engine, cold_start: float | None) -> dict:
     out = {"rss_mib": round(rss / 1024, 1), "rss_peak_mib": round(hwm / 1024, 1)} if rss else {}
     if cold_start is not None:
         out["cold_start_first_token_s"] = cold_start
+    out["weights_gib"] = round(engine.runner.model.weight_bytes() / 2**30, 3)
+    out["kv_blocks"] = engine.runner.num_blocks
     if engine.backend.name == "cuda":
         free, total = engine.backend.memory_info()
         out["gpu_memory_mib"] = round((total - free) / 2**20, 1)
@@ -146,10 +151,12 @@ def record(rows: list[dict], args: argparse.Namespace, engine) -> None:
     base = dict(bench="engine_benchmark", date=datetime.date.today().isoformat(),
                 commit=commit or "unknown (no git here)", card=card,
                 model=os.path.basename(os.path.normpath(args.model)) if args.model else "demo",
-                dtype=engine.backend.dtype_name,
+                dtype=engine.backend.dtype_name, quantization=args.quantization or "none",
+                kv_cache_dtype=args.kv_cache_dtype,
                 command="cupyllm benchmark " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                        if k in ("model", "load_format", "n", "input_len",
-                                                                "output_len", "dtype") and v))
+                                                                "output_len", "dtype", "quantization") and v)
+                + (f" --kv-cache-dtype {args.kv_cache_dtype}" if args.kv_cache_dtype != "auto" else ""))
     lines = [json.dumps({**base, **r}, sort_keys=True) + "\n" for r in rows]
     targets = ([args.json] if args.json else []) + ([] if args.no_history else [str(HISTORY)])
     for path in targets:

@@ -55,7 +55,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV-cache block (only 16)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"))
     p.add_argument("--quantization", "-q", default=None, choices=("fp8",),
-                   help="fp8: linear weights as E4M3 with per-channel scales (numpy backend only so far)")
+                   help="fp8: linear weights as E4M3 with per-channel scales, activations per token (sm_89+ GPUs, or numpy)")
     p.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse KV blocks of shared prompt prefixes (default: on)")

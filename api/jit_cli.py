@@ -18,6 +18,8 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
                    "reads (default 288: the mean of a 32-in / 512-out run)")
     p.add_argument("--dtype", default="float16", choices=sorted(_ITEMSIZE))
     p.add_argument("--unfused", action="store_true", help="also print the plan before the fusion pass")
+    p.add_argument("--quantization", "-q", default=None, choices=("fp8",),
+                   help="fp8: the plan of E4M3 projections, each GEMM input quantized per token")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
 
 
@@ -26,27 +28,29 @@ def run_plan(args) -> int:
     from engine.models.llama import layer_ops
     from ops import fusion
     config = ModelConfig.from_pretrained(args.model)
-    ops, buffers = layer_ops(config)
+    ops, buffers = layer_ops(config, fp8=args.quantization == "fp8")
     tokens = [int(t) for t in args.tokens.split(",")]
     size = _ITEMSIZE[args.dtype]
     plans = {"fused": fusion.plan(ops)} | ({"unfused": fusion.plan(ops, fuse=False)} if args.unfused else {})
     report = {name: {t: fusion.describe(k, buffers, t, size, args.context) for t in tokens}
               for name, k in plans.items()}
     if args.json:
-        print(json.dumps({"model": args.model, "dtype": args.dtype, "context": args.context,
+        print(json.dumps({"model": args.model, "dtype": args.dtype, "quantization": args.quantization,
+                          "context": args.context,
                           "layers": config.num_hidden_layers, "plans": report}))
         return 0
     for name, per_t in report.items():
-        print(f"{name} plan of one decoder layer ({config.num_hidden_layers} layers), {args.dtype}, "
+        print(f"{name} plan of one decoder layer ({config.num_hidden_layers} layers), {args.dtype}"
+              f"{', fp8 projections' if args.quantization else ''}, "
               f"attention over {args.context} cached tokens:")
         rows = per_t[tokens[0]]
-        header = f"  {'kernel':<22} {'stores':<18}" + "".join(f"{f'bytes T={t}':>14}" for t in tokens)
+        header = f"  {'kernel':<26} {'stores':<18}" + "".join(f"{f'bytes T={t}':>14}" for t in tokens)
         print(header)
         for i, r in enumerate(rows):
             sizes = "".join(f"{fusion.fmt_bytes(per_t[t][i]['bytes']):>14}" for t in tokens)
-            print(f"  {r['kernel']:<22} {','.join(r['stores']) or '-':<18}{sizes}")
+            print(f"  {r['kernel']:<26} {','.join(r['stores']) or '-':<18}{sizes}")
         totals = "".join(f"{fusion.fmt_bytes(fusion.totals(per_t[t])[1]):>14}" for t in tokens)
-        print(f"  {f'{len(rows)} launches':<41}{totals}\n")
+        print(f"  {f'{len(rows)} launches':<45}{totals}\n")
     return 0
 
 

@@ -71,15 +71,10 @@ class LLMEngine:
         # vLLM's "auto": the checkpoint's dtype, but float16 for float32 checkpoints
         dtype = config.dtype if config.dtype != "auto" else {"float32": "float16"}.get(mc.torch_dtype, mc.torch_dtype)
         self.backend = get_backend(config.device, dtype)
-        wants = (f"--quantization {config.quantization}" if config.quantization else
-                 f"the checkpoint's quantization_config ({mc.quantization})" if mc.quantization else None)
         if config.kv_cache_dtype != "auto" and self.backend.name != "numpy":
             raise ConfigError(f"--kv-cache-dtype {config.kv_cache_dtype}: the FP8 KV cache runs on the numpy backend "
                               f"only so far; the {self.backend.name} backend's attention reads fp16/bf16 caches. "
                               "Use --kv-cache-dtype auto, or --device numpy")
-        if wants and getattr(self.backend, "quantize_weight", None) is None:
-            raise ConfigError(f"{wants}: FP8 runs on the numpy backend only so far; the {self.backend.name} backend "
-                              "has no FP8 GEMM path yet. Serve an unquantized checkpoint, or pass --device numpy")
         self.stage_times["config and tokenizer"] = time.perf_counter() - t0
         weights = DummyWeights(config.seed) if config.load_format == "dummy" else CheckpointWeights(path)
         with weights:

@@ -60,7 +60,8 @@ class ModelRunner:
         if backend.name == "cuda" and not engine_config.enforce_eager:
             from graphs.manager import DecodeGraphs
             t0 = time.perf_counter()
-            backend.prepare_decode(model_config, engine_config.scheduler.max_num_seqs, self.max_model_len)
+            backend.prepare_decode(model_config, engine_config.scheduler.max_num_seqs, self.max_model_len,
+                                   fp8=self.model.fp8)
             self.stage_times["GEMM tuning"] = time.perf_counter() - t0
             self.graphs = DecodeGraphs(self.model, self.kv_caches, engine_config.scheduler.max_num_seqs,
                                        self.max_model_len, self.block_size, model_config.vocab_size)

@@ -12,6 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ops.cublaslt import CublasLt, CublasLtError, MatmulAlgo, Plan
 
 MAX_CANDIDATES = 32
@@ -29,9 +31,12 @@ def cache_file(directory: Path, gpu_name: str, version: int) -> Path:
     return Path(directory) / f"{slug}_cublaslt{version}.json"
 
 
-def tune_key(dtype: str, m: int, n: int, k: int, bias: bool) -> str:
-    """x, W, bias and out share `dtype`; accumulation and scale are fp32."""
-    return f"{dtype}*{dtype}->{dtype} acc=float32 m={m} n={n} k={k} bias={int(bool(bias))}"
+def tune_key(dtype: str, m: int, n: int, k: int, bias: bool, scales: str = "") -> str:
+    """x, W, bias and out share `dtype`; accumulation and scale are fp32. An FP8 plan (`scales`, see
+    cublaslt.FP8_SCALES) multiplies E4M3 x and W into `dtype`."""
+    operand = dtype if not scales else "e4m3"
+    return (f"{operand}*{operand}->{dtype} acc=float32 m={m} n={n} k={k} bias={int(bool(bias))}"
+            + (f" scales={scales}" if scales else ""))
 
 
 def encode_algo(algo: MatmulAlgo) -> str:
@@ -101,22 +106,34 @@ def random_fill(array, dtype: str, seed: int) -> None:
         part[...] = (raw & (0x8000 | mantissa)) | exponent
 
 
-class GemmBuffers:
-    """Random x, bias, out and enough weight copies to stream past L2, so timings see cold weights."""
+def random_codes(array, seed: int) -> None:
+    """Fill a uint8 device array with random E4M3 codes of magnitude 1/8..1/2 (never NaN)."""
+    import cupy as cp
+    raw = cp.random.RandomState(seed).randint(0, 256, size=array.size, dtype=cp.int32).astype(cp.uint8)
+    array.reshape(-1)[...] = (raw & 0x87) | 0x28  # sign, 3 mantissa bits; exponent 5 or 6 (bias 7)
 
-    def __init__(self, dtype: str, m: int, n: int, k: int, bias: bool, seed: int = 0):
+
+class GemmBuffers:
+    """Random x, bias, out and enough weight copies to stream past L2, so timings see cold weights. An FP8 plan
+    (`scales`) gets E4M3 codes for x and the weights, and float32 scale vectors beside them."""
+
+    def __init__(self, dtype: str, m: int, n: int, k: int, bias: bool, seed: int = 0, scales: str = ""):
         import cupy as cp
-        store = cp.float16 if dtype == "float16" else cp.uint16
-        copies = max(1, math.ceil(L2_FLUSH_BYTES / (n * k * 2)))
-        self.weights = [cp.empty((n, k), store) for _ in range(copies)]  # each: [N, K]
-        for i, w in enumerate(self.weights):
-            random_fill(w, dtype, seed + i)
-        self.x = cp.empty((m, k), store)  # [M, K]
-        random_fill(self.x, dtype, seed + copies)
+        store = {"float16": cp.float16, "bfloat16": cp.uint16, "float32": cp.float32}[dtype]
+        operand = cp.uint8 if scales else store
+        copies = max(1, math.ceil(L2_FLUSH_BYTES / (n * k * np.dtype(operand).itemsize)))
+        self.weights = [cp.empty((n, k), operand) for _ in range(copies)]  # each: [N, K]
+        self.x = cp.empty((m, k), operand)  # [M, K]
+        for i, a in enumerate(self.weights + [self.x]):
+            random_codes(a, seed + i) if scales else random_fill(a, dtype, seed + i)
         self.bias = cp.empty((n,), store) if bias else None
         if bias:
             random_fill(self.bias, dtype, seed + copies + 1)
         self.out = cp.empty((m, n), store)  # [M, N]
+        self.scale_ptrs = (0, 0)
+        if scales == "outer":
+            self.scales = (cp.full(n, 1 / 64, cp.float32), cp.full(m, 1 / 64, cp.float32))
+            self.scale_ptrs = tuple(s.data.ptr for s in self.scales)
         cp.cuda.get_current_stream().synchronize()  # timing streams do not wait for the fills by themselves
 
 
@@ -133,7 +150,7 @@ def time_algo(lt: CublasLt, plan: Plan, algo: MatmulAlgo, bufs: GemmBuffers, wor
 
     def run(i):
         lt.matmul(plan, bufs.weights[i % len(bufs.weights)].data.ptr, bufs.x.data.ptr, bufs.out.data.ptr, bias_ptr,
-                  workspace.data.ptr, workspace.nbytes, stream.ptr, algo)
+                  workspace.data.ptr, workspace.nbytes, stream.ptr, algo, bufs.scale_ptrs)
 
     for i in range(2):  # eager first: loads the kernel's module, and a failing candidate fails here
         run(i)
@@ -165,7 +182,7 @@ def tune_plan(lt: CublasLt, plan: Plan, workspace, candidates: int = MAX_CANDIDA
     key = plan.key
     started = time.perf_counter()
     results = lt.heuristic(plan, workspace.nbytes, candidates)
-    bufs = bufs or GemmBuffers(key.dtype, key.m, key.n, key.k, key.bias)
+    bufs = bufs or GemmBuffers(key.dtype, key.m, key.n, key.k, key.bias, scales=key.scales)
     stream = cp.cuda.Stream(non_blocking=True)
     timings: list[float | None] = []
     for result in results:

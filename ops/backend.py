@@ -66,6 +66,10 @@ class NumpyBackend:
     add_rms_norm = staticmethod(reference.add_rms_norm)
     linear = staticmethod(quant.linear)  # reference.linear, or FP8 math for an Fp8Weight
     quantize_weight = staticmethod(quant.quantize_weight)
+    rms_norm_fp8 = staticmethod(quant.then_quantize(reference.rms_norm))  # out: an Fp8Activation
+    add_rms_norm_fp8 = staticmethod(quant.then_quantize(reference.add_rms_norm))
+    silu_and_mul_fp8 = staticmethod(quant.then_quantize(reference.silu_and_mul))
+    quantize_fp8 = staticmethod(quant.quantize_activation)
     silu_and_mul = staticmethod(reference.silu_and_mul)
     rope_and_cache = staticmethod(reference.rope_and_cache)
     attention = staticmethod(reference.attention)
@@ -78,7 +82,7 @@ def merging(fetch_one, xp):
         if len(names) == 1:
             return fetch_one(names[0])
         parts = [fetch_one(n) for n in names]
-        return quant.concatenate(parts) if isinstance(parts[0], quant.Fp8Weight) else xp.concatenate(parts)
+        return quant.concatenate(parts, xp) if isinstance(parts[0], quant.Fp8Weight) else xp.concatenate(parts)
     return fetch
 
 

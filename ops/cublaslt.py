@@ -16,6 +16,7 @@ from typing import Callable, NamedTuple
 CUDA_R_32F = 0
 CUDA_R_16F = 2
 CUDA_R_16BF = 14
+CUDA_R_8F_E4M3 = 28
 CUBLAS_COMPUTE_32F = 68
 CUBLAS_OP_N = 0
 CUBLAS_OP_T = 1
@@ -26,7 +27,13 @@ CUBLASLT_MATMUL_DESC_TRANSA = 3
 CUBLASLT_MATMUL_DESC_TRANSB = 4
 CUBLASLT_MATMUL_DESC_EPILOGUE = 7
 CUBLASLT_MATMUL_DESC_BIAS_POINTER = 8
+CUBLASLT_MATMUL_DESC_A_SCALE_POINTER = 17
+CUBLASLT_MATMUL_DESC_B_SCALE_POINTER = 18
 CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE = 26
+CUBLASLT_MATMUL_DESC_A_SCALE_MODE = 31
+CUBLASLT_MATMUL_DESC_B_SCALE_MODE = 32
+CUBLASLT_MATMUL_MATRIX_SCALE_SCALAR_32F = 0
+CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F = 3  # a float32 per row of op(A) / per column of op(B) (cuBLAS >= 12.9)
 CUBLASLT_EPILOGUE_DEFAULT = 1
 CUBLASLT_EPILOGUE_BIAS = 4
 CUBLASLT_MATMUL_PREF_SEARCH_MODE = 0
@@ -40,7 +47,11 @@ STATUS_NAMES = {0: "CUBLAS_STATUS_SUCCESS", 1: "CUBLAS_STATUS_NOT_INITIALIZED", 
                 7: "CUBLAS_STATUS_INVALID_VALUE", 8: "CUBLAS_STATUS_ARCH_MISMATCH", 11: "CUBLAS_STATUS_MAPPING_ERROR",
                 13: "CUBLAS_STATUS_EXECUTION_FAILED", 14: "CUBLAS_STATUS_INTERNAL_ERROR",
                 15: "CUBLAS_STATUS_NOT_SUPPORTED", 16: "CUBLAS_STATUS_LICENSE_ERROR"}
-DATA_TYPES = {"float16": CUDA_R_16F, "bfloat16": CUDA_R_16BF}
+DATA_TYPES = {"float16": CUDA_R_16F, "bfloat16": CUDA_R_16BF, "float32": CUDA_R_32F}
+# FP8 plans (PlanKey.scales): "outer", E4M3 operands with a float32 scale per weight row and per token applied by
+# cuBLASLt itself; "unit", E4M3 operands unscaled into a float32 out that the caller scales (where "outer" is not
+# supported). "" is a plain fp16/bf16 GEMM.
+FP8_SCALES = ("outer", "unit")
 MAX_ALIGNMENT = 256  # the heuristic assumes 256-byte aligned buffers unless told otherwise
 
 
@@ -159,7 +170,7 @@ def row_major_gemm(m: int, n: int, k: int, ldx: int | None = None, ldout: int | 
 
 class PlanKey(NamedTuple):
     """What a plan depends on; `align` is the weakest pointer alignment, capped at 256 bytes."""
-    dtype: str  # "float16" or "bfloat16" for x, W, bias and out alike
+    dtype: str  # "float16" or "bfloat16" for x, W, bias and out alike (FP8 plans: out and bias; "float32": unit)
     m: int
     n: int
     k: int
@@ -167,6 +178,7 @@ class PlanKey(NamedTuple):
     ldx: int
     ldout: int
     align: int = MAX_ALIGNMENT
+    scales: str = ""  # "": x and W in `dtype`; "outer" / "unit": x and W as E4M3 codes (FP8_SCALES)
 
 
 def pointer_alignment(*pointers: int) -> int:
@@ -224,6 +236,9 @@ class Plan:
         self.key = key
         shape = row_major_gemm(key.m, key.n, key.k, key.ldx, key.ldout)
         lib, dtype = lt.lib, DATA_TYPES[key.dtype]
+        operand = CUDA_R_8F_E4M3 if key.scales else dtype
+        if key.scales and key.scales not in FP8_SCALES:
+            raise ValueError(f"PlanKey.scales must be '' or one of {FP8_SCALES}, got {key.scales!r}")
         self.desc, self.layouts = _P(), []
         self._finalizer = weakref.finalize(self, _destroy, lib, self.desc, self.layouts)
         check(lib.cublasLtMatmulDescCreate(ctypes.byref(self.desc), CUBLAS_COMPUTE_32F, CUDA_R_32F),
@@ -235,14 +250,19 @@ class Plan:
             _set(setter, self.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, ctypes.c_uint32(CUBLASLT_EPILOGUE_BIAS),
                  "set EPILOGUE")
             _set(setter, self.desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, ctypes.c_int32(dtype), "set BIAS_DATA_TYPE")
-        for layout in (shape.a, shape.b, shape.d):
+        if key.scales == "outer":  # A is the weight [N rows of op(A)], B is x [M columns of op(B)]
+            for attr in (CUBLASLT_MATMUL_DESC_A_SCALE_MODE, CUBLASLT_MATMUL_DESC_B_SCALE_MODE):
+                _set(setter, self.desc, attr, ctypes.c_int32(CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F),
+                     "set SCALE_MODE")
+        for layout, kind in ((shape.a, operand), (shape.b, operand), (shape.d, dtype)):
             handle = _P()
-            check(lib.cublasLtMatrixLayoutCreate(ctypes.byref(handle), dtype, *layout), "cublasLtMatrixLayoutCreate")
+            check(lib.cublasLtMatrixLayoutCreate(ctypes.byref(handle), kind, *layout), "cublasLtMatrixLayoutCreate")
             self.layouts.append(handle)
         self.a, self.b, self.d = (h.value for h in self.layouts)
         self.algo = MatmulAlgo()
         self.algo_source = None  # "heuristic" or "autotune"
         self._bias_ptr = ctypes.c_void_p(0)  # reused so that setting the bias pointer allocates nothing
+        self._scale_ptrs = (ctypes.c_void_p(0), ctypes.c_void_p(0))  # "outer": the weight's and x's scale vectors
 
     def close(self) -> None:
         self._finalizer()
@@ -306,13 +326,22 @@ class CublasLt:
         return int(result.workspace_size)
 
     def matmul(self, plan: Plan, weight_ptr: int, x_ptr: int, out_ptr: int, bias_ptr: int,
-               workspace_ptr: int, workspace_bytes: int, stream_ptr: int, algo: MatmulAlgo | None = None) -> None:
-        """out = x @ W^T (+ bias) on `stream_ptr`; host-side only besides the launch, so it can be captured."""
+               workspace_ptr: int, workspace_bytes: int, stream_ptr: int, algo: MatmulAlgo | None = None,
+               scale_ptrs: tuple[int, int] = (0, 0)) -> None:
+        """out = x @ W^T (+ bias) on `stream_ptr`; host-side only besides the launch, so it can be captured.
+        An "outer" FP8 plan takes scale_ptrs = (the weight's float32 [N], x's float32 [M]) device pointers."""
         lib = self.lib
+        setter = lib.cublasLtMatmulDescSetAttribute
         if plan.key.bias:  # the bias pointer lives in the descriptor: setting it is a host-side store
             plan._bias_ptr.value = bias_ptr
-            _set(lib.cublasLtMatmulDescSetAttribute, plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, plan._bias_ptr,
-                 "set BIAS_POINTER")
+            _set(setter, plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, plan._bias_ptr, "set BIAS_POINTER")
+        if plan.key.scales == "outer":
+            if not all(scale_ptrs):
+                raise ValueError("an FP8 GEMM with outer-vector scales needs the weight's and x's scale pointers")
+            for holder, ptr, attr in zip(plan._scale_ptrs, scale_ptrs, (CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+                                                                      CUBLASLT_MATMUL_DESC_B_SCALE_POINTER)):
+                holder.value = ptr
+                _set(setter, plan.desc, attr, holder, "set SCALE_POINTER")
         check(lib.cublasLtMatmul(self.handle, plan.desc, self._alpha_ptr, weight_ptr, plan.a, x_ptr, plan.b,
                                  self._beta_ptr, out_ptr, plan.d, out_ptr, plan.d,
                                  ctypes.addressof(algo if algo is not None else plan.algo),

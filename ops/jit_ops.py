@@ -13,7 +13,7 @@ import functools
 import numpy as np
 
 from ops import fusion, jit
-from ops.jit import BlockSpec
+from ops.jit import BlockSpec, lower
 
 _INT32 = np.dtype(np.int32)
 SILU_CONFIGS = [dict(block=b) for b in (1024, 512, 2048, 4096)]
@@ -69,15 +69,16 @@ def _add_norm_call(h):  # ... and for [add, rms_norm] (the residual is stored: i
                              frozenset({"w"}), ("residual", "out"))
 
 
-def rms_norm_fp8(x, weight, eps: float, out, codes, scale) -> None:
-    """rms_norm, and its output quantized per token for an FP8 GEMM: codes [T, H] uint8 (E4M3), scale [T, 1]
-    float32. out gets the norm in the model dtype too (one kernel; the quantizer reads it as out holds it)."""
-    _norm_fp8_call(x.shape[1])(x, weight, out, codes, scale, eps0=float(eps))
+def rms_norm_fp8(x, weight, eps: float, codes, scale) -> None:
+    """rms_norm with its output quantized per token for an FP8 GEMM, in one kernel: codes [T, H] uint8 (E4M3),
+    scale [T, 1] float32. The norm is rounded to the model dtype first, as a stored rms_norm output would be, and
+    never written: the GEMM reads only the codes."""
+    _norm_fp8_call(x.shape[1])(x, weight, codes, scale, eps0=float(eps))
 
 
-def add_rms_norm_fp8(x, residual, weight, eps: float, out, codes, scale) -> None:
-    """add_rms_norm with the normed row quantized per token as rms_norm_fp8 does: one kernel."""
-    _add_norm_fp8_call(x.shape[1])(x, residual, weight, out, codes, scale, eps0=float(eps))
+def add_rms_norm_fp8(x, residual, weight, eps: float, codes, scale) -> None:
+    """add_rms_norm (residual += x in place) with the normed row quantized as rms_norm_fp8 does: one kernel."""
+    _add_norm_fp8_call(x.shape[1])(x, residual, weight, codes, scale, eps0=float(eps))
 
 
 def quantize_fp8(x, codes, scale) -> None:
@@ -89,19 +90,66 @@ def quantize_fp8(x, codes, scale) -> None:
 @_kept
 def _norm_fp8_call(h):
     return fusion.row_kernel((fusion.rms_norm("x", "w", "out", h), fusion.quantize_fp8("out", "codes", "scale", h)),
-                             frozenset({"w"}), ("out", "codes", "scale"))
+                             frozenset({"w"}), ("codes", "scale"))
 
 
 @_kept
 def _add_norm_fp8_call(h):
     return fusion.row_kernel((fusion.add("x", "residual", "residual", h), fusion.rms_norm("residual", "w", "out", h),
                               fusion.quantize_fp8("out", "codes", "scale", h)),
-                             frozenset({"w"}), ("residual", "out", "codes", "scale"))
+                             frozenset({"w"}), ("residual", "codes", "scale"))
 
 
 @_kept
 def _quantize_call(c):
     return fusion.row_kernel((fusion.quantize_fp8("x", "codes", "scale", c),), frozenset(), ("codes", "scale"))
+
+
+def _wide_row_threads(width: int) -> int:
+    """Threads for a whole-row kernel holding three rows' worth of values: 1024 (ptxas caps them at 64 registers)
+    while a thread holds at most 2 chunks a row, else 512 (128 registers). Measured with nvcc -Xptxas -v on the
+    widths of tests/test_jit_compile.py: either other choice spills at some width, fp16 or bf16."""
+    chunks = width // lower.chunk_elems(width)
+    return 1024 if chunks <= 2 * 1024 else 512
+
+
+class _Loads(dict):
+    """Tiles loaded where the body first reads them, so a wide row's operands are not all held at once (up is
+    loaded after silu(gate) is made: at I = 18944 both rows up front would spill)."""
+
+    def __init__(self, **refs):
+        super().__init__()
+        self.refs = refs
+
+    def __missing__(self, name):
+        value = self[name] = self.refs[name][...]
+        return value
+
+
+def silu_and_mul_fp8(x, codes, scale) -> None:
+    """silu_and_mul with its output quantized per token, in one kernel: x = [gate | up] [T, 2I] -> codes [T, I]
+    (E4M3) and scale [T, 1]. The product is rounded to x's dtype first, as silu_and_mul would store it."""
+    t, inter = codes.shape
+    if x.shape != (t, 2 * inter):
+        raise ValueError(f"silu_and_mul_fp8: x has shape {x.shape}, expected (T, 2*I) = {(t, 2 * inter)}")
+    _silu_fp8_call(inter)(*(x.reshape(t, 2, inter),) * 2, codes, scale)
+
+
+@_kept
+def _silu_fp8_call(inter):
+    ops = (fusion.silu_mul("gate", "up", "act", inter), fusion.quantize_fp8("act", "codes", "scale", inter))
+
+    def body(gate_ref, up_ref, codes_ref, scale_ref):  # the fusion pass's tile functions, on gate/up halves
+        v = _Loads(gate=gate_ref, up=up_ref)
+        v.update({k: a.astype(gate_ref.dtype) for k, a in fusion.TILE_FNS["silu_mul"](v, ops[0]).items()})
+        q = fusion.TILE_FNS["quantize_fp8"](v, ops[1])
+        codes_ref[...], scale_ref[...] = q["codes"], q["scale"]
+
+    return jit.pallas_call(body, grid=lambda x, up, codes, scale: (codes.shape[0],),
+                           in_specs=[BlockSpec((None, None, inter), lambda i: (i, 0, 0)),
+                                     BlockSpec((None, None, inter), lambda i: (i, 1, 0))],
+                           out_specs=[_row(inter), BlockSpec((None, 1), lambda i: (i, 0))],
+                           name="silu_mul_quantize_fp8", num_threads=_wide_row_threads(inter))
 
 
 def _silu_and_mul(gate_ref, up_ref, out_ref):
@@ -211,3 +259,26 @@ def _rope_cache_call(group, hkv, bs, half, qk_norm, fp8=False):
                            in_specs=[block(0), block(1), trig(0), trig(1), weight(0), weight(1), weight(0), weight(1)],
                            out_specs=[cache(0), cache(1), cache(0), cache(1)] + per_head,
                            name=f"rope_cache{'_qknorm' if qk_norm else ''}{'_fp8' if fp8 else ''}")
+
+
+def scale_rows_cols(acc, row_scale, col_scale, bias, out) -> None:
+    """out = acc * row_scale * col_scale (+ bias), rounded to out's dtype: the scaling of an FP8 GEMM that cuBLASLt
+    ran unscaled into float32 acc [M, N] (row_scale [M, 1] per token, col_scale [N] per weight row)."""
+    m, n = acc.shape
+    block = min(1024, 1 << (n - 1).bit_length())
+    _scale_call(block, bias is not None)(acc, row_scale, col_scale, *(() if bias is None else (bias,)), out)
+
+
+def _scale(acc_ref, row_ref, col_ref, *refs):
+    *bias, out_ref = refs
+    y = acc_ref[...] * row_ref[...] * col_ref[...]
+    out_ref[...] = y + bias[0][...] if bias else y
+
+
+@_kept
+def _scale_call(block, bias):
+    col = BlockSpec((block,), lambda i, j: (j,))
+    return jit.pallas_call(_scale, grid=lambda acc, *rest: (acc.shape[0], -(-acc.shape[1] // block)),
+                           in_specs=[BlockSpec((None, block), lambda i, j: (i, j)),
+                                     BlockSpec((None, 1), lambda i, j: (i, 0)), col] + [col] * bias,
+                           out_specs=[BlockSpec((None, block), lambda i, j: (i, j))], name="scale_rows_cols")

@@ -36,6 +36,18 @@ class Fp8Weight:
 
 
 @dataclass(frozen=True)
+class Fp8Activation:
+    """A GEMM's input quantized per token by the kernel that made it: codes [T, K] uint8 (E4M3) and a float32 scale
+    per token [T, 1]; x ~= codes * scale."""
+    codes: np.ndarray
+    scale: np.ndarray
+
+    @property
+    def shape(self) -> tuple:
+        return self.codes.shape
+
+
+@dataclass(frozen=True)
 class Fp8Cache:
     """One layer's K or V cache in E4M3: codes [num_blocks, Hkv, block_size, D] uint8 and a float32 scale per KV
     head [Hkv] (a checkpoint's k_scale / v_scale, else 1.0, as vLLM takes them); value ~= code * scale."""
@@ -80,13 +92,13 @@ def quantize_weight(w: np.ndarray) -> Fp8Weight:
     return Fp8Weight(codes, s)
 
 
-def concatenate(weights: list[Fp8Weight]) -> Fp8Weight:
+def concatenate(weights: list[Fp8Weight], xp=np) -> Fp8Weight:
     """Merged projections (q/k/v, gate/up): rows stacked with their scales; one static input scale, the largest
     (the merged GEMM reads one x, so it takes the scale no part's activations overflow)."""
     statics = [w.input_scale for w in weights if w.input_scale is not None]
     if statics and len(statics) != len(weights):
         raise ValueError("fp8: merged projections mix static and dynamic activation scales")
-    return Fp8Weight(np.concatenate([w.codes for w in weights]), np.concatenate([w.scale for w in weights]),
+    return Fp8Weight(xp.concatenate([w.codes for w in weights]), xp.concatenate([w.scale for w in weights]),
                      max(statics) if statics else None)
 
 
@@ -96,14 +108,41 @@ def quantize_static(x: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray
     return codes, np.full(x.shape[0], scale, np.float32)
 
 
-def linear(x: np.ndarray, weight, bias: np.ndarray | None, out: np.ndarray) -> None:
-    """reference.linear for a float weight; for an Fp8Weight, x is quantized per token (dynamic scales, as the
-    kernel that produces x would) and both operands enter the matmul as their E4M3 values."""
+def linear(x, weight, bias: np.ndarray | None, out: np.ndarray) -> None:
+    """reference.linear for a float weight; for an Fp8Weight, x is an Fp8Activation (quantized per token by the
+    kernel that made it) or a float array quantized here (per token, or with the weight's static input scale),
+    and both operands enter the matmul as their E4M3 values."""
     if not isinstance(weight, Fp8Weight):
         reference.linear(x, weight, bias, out)
         return
-    xq, xs = quantize_rows(x) if weight.input_scale is None else quantize_static(x, weight.input_scale)
+    if isinstance(x, Fp8Activation):
+        xq, xs = x.codes, x.scale.reshape(-1)
+    else:
+        xq, xs = quantize_rows(x) if weight.input_scale is None else quantize_static(x, weight.input_scale)
     acc = dtypes.e4m3_bits_to_float32(xq) @ dtypes.e4m3_bits_to_float32(weight.codes).T  # [T, N] float32
     np.multiply(acc, xs[:, None] * weight.scale[None, :], out=out)
     if bias is not None:
         out += bias
+
+
+def activation(xp, tokens: int, width: int) -> Fp8Activation:
+    """Uninitialised buffers for a quantized GEMM input of `tokens` rows (numpy or CuPy as `xp`)."""
+    return Fp8Activation(xp.empty((tokens, width), np.uint8), xp.empty((tokens, 1), np.float32))
+
+
+def quantize_activation(x: np.ndarray, out: Fp8Activation) -> None:
+    """Rows of x to out's codes and per-token scales (the numpy backend's fused quantizers end in this)."""
+    codes, s = quantize_rows(x)
+    out.codes[...] = codes
+    out.scale[...] = s[:, None]
+
+
+def then_quantize(op):
+    """op(*inputs, out) followed by quantize_activation(out): the numpy backend's rms_norm_fp8, add_rms_norm_fp8
+    and silu_and_mul_fp8, whose last argument is an Fp8Activation (the GPU fuses each into one kernel)."""
+    def run(*args):
+        *inputs, out = args
+        value = np.empty(out.codes.shape, np.float32)
+        op(*inputs, value)
+        quantize_activation(value, out)
+    return run

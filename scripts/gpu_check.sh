@@ -13,6 +13,9 @@
 #          N = 1..256) -> $OUT/engine.{jsonl,log}; a warm restart (everything cached) -> $OUT/engine_warm.jsonl;
 #          the JIT kernels against the hand ones -> $OUT/kernels.{jsonl,log}; then tests/gpu -> $OUT/gpu_tests.log.
 #          About 6 minutes on an H100.
+#   fp8    issue #13: cuBLASLt's FP8 enums against the machine's headers, tests/gpu/test_fp8_gpu.py, the engine
+#          benchmark fp16 then --quantization fp8 (fresh caches for both) -> $OUT/engine.{jsonl,log}, then the rest
+#          of tests/gpu in the time left -> $OUT/gpu_tests.log.
 # At most 8 files come back from $OUT: `all` writes exactly 8 (env.txt, gpu_tests.log, gpu_tests.xml, bench.jsonl,
 # bench.log, serve/summary.txt, serve/cupyllm.json, serve/cupyllm.log).
 # Record the figures afterwards with: python scripts/record_history.py <files_at>/bench.jsonl --card ...
@@ -24,8 +27,8 @@ what=${1:-all}
 filter=${2:-}
 status=0
 case $what in
-  all | tests | bench | serve | jit) ;;
-  *) echo "usage: $0 [all|tests|bench|serve|jit] [pytest -k expression]" >&2; exit 2 ;;
+  all | tests | bench | serve | jit | fp8) ;;
+  *) echo "usage: $0 [all|tests|bench|serve|jit|fp8] [pytest -k expression]" >&2; exit 2 ;;
 esac
 
 # The serving benchmark (issue #6). 16 clients in a closed loop, 128 output tokens after prompts of 512 tokens
@@ -66,6 +69,25 @@ if [[ $what == jit ]]; then
     --ignore=tests/gpu/test_serve_gpu.py \
     2>&1 | tee "$OUT/gpu_tests.log" | tail -40
   status=${PIPESTATUS[0]}
+fi
+
+if [[ $what == fp8 ]]; then
+  ENGINE_ARGS="--model perf/configs/qwen2.5-7b --load-format dummy --dtype float16 --input-len 32 --output-len 512"
+  grep -nE "SCALE_MODE|SCALE_POINTER|OUTER_VEC|CUDA_R_8F_E4M3" /usr/local/cuda/include/cublasLt.h \
+    /usr/local/cuda/include/library_types.h 2>&1 | head -20 | tee -a "$OUT/env.txt"
+  timeout 60 python3 -m pytest -q tests/test_cublaslt_cpu.py 2>&1 | tail -3 | tee -a "$OUT/env.txt"
+  echo "== tests/gpu/test_fp8_gpu.py"
+  timeout 200 python3 -m pytest -q -rs -s tests/gpu/test_fp8_gpu.py 2>&1 | tail -40 | tee "$OUT/fp8_tests.log"
+  status=${PIPESTATUS[0]}
+  for q in "" "--quantization fp8"; do
+    echo "== engine benchmark ${q:-fp16}"
+    timeout 150 python3 -m api.cli benchmark $ENGINE_ARGS $q --n 1,16,64,128,256 --json "$OUT/engine.jsonl" 2>&1 \
+      | tail -25 | tee -a "$OUT/engine.log"
+  done
+  left=$(( ${JIT_BUDGET_S:-570} - SECONDS ))
+  echo "== tests/gpu but fp8 and serve (${left} s left)"
+  timeout $(( left > 30 ? left : 30 )) python3 -m pytest tests/gpu -q -rs ${filter:+-k "$filter"} \
+    --ignore=tests/gpu/test_serve_gpu.py --ignore=tests/gpu/test_fp8_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
 fi
 
 if [[ $what == all || $what == tests ]]; then

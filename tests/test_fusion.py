@@ -23,7 +23,10 @@ FAMILIES = {  # architecture, extra config fields
 }
 # the backend op each kernel of the plan is
 LAUNCH = {"add+rms_norm": "add_rms_norm", "gemm": "linear", "gemm+bias": "linear", "rope+cache_write": "rope_and_cache",
-          "qk_norm+rope+cache_write": "rope_and_cache", "attention": "attention", "silu_mul": "silu_and_mul"}
+          "qk_norm+rope+cache_write": "rope_and_cache", "attention": "attention", "silu_mul": "silu_and_mul",
+          # --quantization fp8: each GEMM input quantized by the kernel that makes it
+          "add+rms_norm+quantize_fp8": "add_rms_norm_fp8", "quantize_fp8": "quantize_fp8",
+          "silu_mul+quantize_fp8": "silu_and_mul_fp8"}
 
 
 def config(family: str) -> ModelConfig:
@@ -41,7 +44,7 @@ class Recording(NumpyBackend):
         super().__init__()
         self.calls = []
         for name in ("embedding", "rms_norm", "add_rms_norm", "linear", "silu_and_mul", "rope_and_cache",
-                     "attention"):
+                     "attention", "rms_norm_fp8", "add_rms_norm_fp8", "silu_and_mul_fp8", "quantize_fp8"):
             setattr(self, name, self._logged(name, getattr(NumpyBackend, name)))
 
     def _logged(self, name, fn):
@@ -51,10 +54,11 @@ class Recording(NumpyBackend):
         return run
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["fp16", "fp8"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_plan_is_what_the_model_launches(family):
+def test_plan_is_what_the_model_launches(family, fp8):
     c = config(family)
-    ops, buffers = layer_ops(c)
+    ops, buffers = layer_ops(c, fp8)
     kernels = fusion.plan(ops)
     want = [LAUNCH[k.name] + ("+bias" if k.name == "gemm+bias" else "") for k in kernels]
     b = Recording()
@@ -62,6 +66,8 @@ def test_plan_is_what_the_model_launches(family):
     rng = np.random.default_rng(0)
     model.load_weights(lambda *names: np.concatenate([rng.standard_normal(_shape(c, n)).astype(np.float32)
                                                       for n in names]))
+    if fp8:
+        model.quantize_linears(b.quantize_weight)
     kv = [(b.zeros((4, c.num_key_value_heads, 16, c.head_dim)),) * 2 for _ in range(c.num_hidden_layers)]
     meta = AttentionMetadata(np.array([0, 1, 2], np.int32), np.array([1, 1], np.int32),
                              np.array([[0], [1]], np.int32), np.array([0, 16], np.int32), 1, 1)
@@ -69,12 +75,13 @@ def test_plan_is_what_the_model_launches(family):
     per_layer = len(want)
     # embedding, rms_norm, layer 0 (no residual add before it), layers 1.., the final add + norm
     layers = b.calls[2:-1]
-    assert b.calls[:2] == ["embedding", "rms_norm"] and b.calls[-1] == "add_rms_norm"
+    assert b.calls[:2] == ["embedding", "rms_norm_fp8" if fp8 else "rms_norm"] and b.calls[-1] == "add_rms_norm"
     assert layers[:per_layer - 1] == want[1:]
     for i in range(1, c.num_hidden_layers):
         got = layers[per_layer - 1 + (i - 1) * per_layer:][:per_layer]
         assert got == want, f"layer {i}: model launches {got}, plan says {want}"
-    assert len(kernels) == 9 and len(fusion.plan(ops, fuse=False)) > len(kernels)
+    assert len(kernels) == (10 if fp8 else 9)  # fp8: attention's output is quantized by a launch of its own
+    assert len(fusion.plan(ops, fuse=False)) > len(kernels)
 
 
 def _shape(c, name):

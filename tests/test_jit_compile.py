@@ -30,8 +30,10 @@ def model_launches():
                 jit_ops.rms_norm(x, np.zeros(h, storage), 1e-6, x.copy())
                 jit_ops.add_rms_norm(x, x.copy(), np.zeros(h, storage), 1e-6, x.copy())
                 codes, scale = np.zeros((2, h), np.uint8), np.zeros((2, 1), np.float32)
-                jit_ops.add_rms_norm_fp8(x, x.copy(), np.zeros(h, storage), 1e-6, x.copy(), codes, scale)
+                jit_ops.rms_norm_fp8(x, np.zeros(h, storage), 1e-6, codes, scale)
+                jit_ops.add_rms_norm_fp8(x, x.copy(), np.zeros(h, storage), 1e-6, codes, scale)
                 jit_ops.quantize_fp8(x, codes, scale)
+                jit_ops.silu_and_mul_fp8(np.zeros((2, 2 * inter), storage), np.zeros((2, inter), np.uint8), scale)
                 jit_ops.silu_and_mul(np.zeros((2, 2 * inter), storage), np.zeros((2, inter), storage))
                 jit_ops.embedding(np.zeros(2, np.int32), np.zeros((4, h), storage), x.copy())
                 for norm in (None, np.zeros(d, storage)):

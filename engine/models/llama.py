@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from engine.config import ModelConfig
-from ops import fusion
+from ops import fusion, quant
 from ops.fusion import ATTENTION, BIAS, GEMM, HEAD, Buffer, Op
 from ops.metadata import AttentionMetadata
 from ops.quant import Fp8Weight
@@ -59,31 +59,48 @@ def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def layer_ops(c: ModelConfig) -> tuple[list[Op], dict[str, Buffer]]:
+def layer_ops(c: ModelConfig, fp8: bool = False) -> tuple[list[Op], dict[str, Buffer]]:
     """One decoder layer (any but the first) as the op list the fusion pass groups (ops/fusion.py), with its
-    buffers. LlamaModel.forward launches what fusion.plan makes of it; tests/test_fusion.py checks that."""
+    buffers. LlamaModel.forward launches what fusion.plan makes of it; tests/test_fusion.py checks that.
+    fp8: the projections are E4M3 (--quantization fp8) and each GEMM input is quantized per token on its way."""
     h, d, inter, qkv = c.hidden_size, c.head_dim, c.intermediate_size, c.q_size + 2 * c.kv_size
+    w = 1 if fp8 else 0  # a projection weight's itemsize (0: the model's); the per-row scales are beside it
     b = [Buffer("hidden", h), Buffer("residual", h, kept=True), Buffer("x", h), Buffer("qkv", qkv),
          Buffer("attn", c.q_size), Buffer("gate_up", 2 * inter), Buffer("act", inter),
          Buffer("cos_sin", d, itemsize=4), Buffer("kv_cache", 2 * c.kv_size, kept=True, cache=True),
          Buffer("input_norm", h, weight=True), Buffer("post_norm", h, weight=True),
-         Buffer("qkv_proj", h, weight=True, rows=qkv), Buffer("o_proj", c.q_size, weight=True, rows=h),
-         Buffer("gate_up_proj", h, weight=True, rows=2 * inter), Buffer("down_proj", inter, weight=True, rows=h),
+         Buffer("qkv_proj", h, weight=True, rows=qkv, itemsize=w), Buffer("o_proj", c.q_size, weight=True, rows=h,
+                                                                           itemsize=w),
+         Buffer("gate_up_proj", h, weight=True, rows=2 * inter, itemsize=w),
+         Buffer("down_proj", inter, weight=True, rows=h, itemsize=w),
          Buffer("qkv_bias", qkv, weight=True), Buffer("o_bias", h, weight=True),
          Buffer("q_norm", d, weight=True), Buffer("k_norm", d, weight=True)]
+    b += [Buffer(n + "_q", width, itemsize=1) for n, width in (("x", h), ("attn", c.q_size), ("act", inter))]
+    b += [Buffer(n + "_scale", 1, itemsize=4) for n in ("x", "attn", "act")]
+    b += [Buffer(n + "_scales", rows, weight=True, itemsize=4) for n, rows in
+          (("qkv_proj", qkv), ("o_proj", h), ("gate_up_proj", 2 * inter), ("down_proj", h))]
+
+    def gemm(name, x, out):  # fp8: x's codes and scales, the weight's codes and scales
+        if not fp8:
+            return [Op(name, GEMM, (x, name), (out,))]
+        return [Op(name, GEMM, (x + "_q", x + "_scale", name, name + "_scales"), (out,))]
+
+    def quantized(x, width):  # fp8: x quantized per token, in the kernel that made x
+        return [fusion.quantize_fp8(x, x + "_q", x + "_scale", width)] if fp8 else []
+
     o_bias = c.attention_bias and c.architecture != "Qwen2ForCausalLM"
     ops = [fusion.add("hidden", "residual", "residual", h), fusion.rms_norm("residual", "input_norm", "x", h),
-           Op("qkv_proj", GEMM, ("x", "qkv_proj"), ("qkv",))]
+           *quantized("x", h), *gemm("qkv_proj", "x", "qkv")]
     ops += [Op("qkv_bias", BIAS, ("qkv", "qkv_bias"), ("qkv",))] if c.attention_bias else []
     ops += [Op("qk_norm", HEAD, ("qkv", "q_norm", "k_norm"), ("qkv",))] if c.qk_norm else []
     ops += [Op("rope", HEAD, ("qkv", "cos_sin"), ("qkv",)), Op("cache_write", HEAD, ("qkv",), ("kv_cache",)),
             Op("attention", ATTENTION, ("qkv", "kv_cache"), ("attn",)),
-            Op("o_proj", GEMM, ("attn", "o_proj"), ("hidden",))]
+            *quantized("attn", c.q_size), *gemm("o_proj", "attn", "hidden")]
     ops += [Op("o_bias", BIAS, ("hidden", "o_bias"), ("hidden",))] if o_bias else []
     ops += [fusion.add("hidden", "residual", "residual", h), fusion.rms_norm("residual", "post_norm", "x", h),
-            Op("gate_up_proj", GEMM, ("x", "gate_up_proj"), ("gate_up",)),
-            fusion.silu_mul("gate_up", "gate_up", "act", inter),
-            Op("down_proj", GEMM, ("act", "down_proj"), ("hidden",))]
+            *quantized("x", h), *gemm("gate_up_proj", "x", "gate_up"),
+            fusion.silu_mul("gate_up", "gate_up", "act", inter), *quantized("act", inter),
+            *gemm("down_proj", "act", "hidden")]
     return ops, {buf.name: buf for buf in b}
 
 
@@ -134,9 +151,21 @@ class LlamaModel:
                 if not isinstance(w, Fp8Weight):  # an FP8 checkpoint's weights come quantized
                     setattr(layer, name, quantize(w))
 
+    def weight_bytes(self) -> int:
+        """Device (or host) bytes the weights take: an FP8 projection counts its codes and scales."""
+        arrays = [self.embed, self.final_norm] + ([] if self.lm_head is self.embed else [self.lm_head])
+        arrays += [getattr(layer, f) for layer in self.layers for f in LayerWeights.__slots__]
+        return sum(a.nbytes for a in arrays if a is not None)
+
+    @property
+    def fp8(self) -> bool:
+        """The projections are E4M3 (Fp8Weight): each GEMM input is quantized per token by the kernel making it."""
+        return bool(self.layers) and isinstance(self.layers[0].qkv, Fp8Weight)
+
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> Any:
-        """Hidden states after the final norm, [T, H]. kv_caches[i] = (k_cache, v_cache) of layer i."""
-        b, c = self.backend, self.config
+        """Hidden states after the final norm, [T, H]. kv_caches[i] = (k_cache, v_cache) of layer i.
+        The launches are fusion.plan(layer_ops(config, self.fp8)) per layer (tests/test_fusion.py)."""
+        b, c, fp8 = self.backend, self.config, self.fp8
         t, h, eps = input_ids.shape[0], c.hidden_size, c.rms_norm_eps
         residual = b.empty((t, h))
         x = b.empty((t, h))
@@ -144,23 +173,30 @@ class LlamaModel:
         attn = b.empty((t, c.q_size))
         hidden = b.empty((t, h))
         gate_up = b.empty((t, 2 * c.intermediate_size))
-        act = b.empty((t, c.intermediate_size))
+        if fp8:  # the GEMM inputs as E4M3 codes with a scale per token
+            xin, attn_in, act = (quant.activation(b.xp, t, n) for n in (h, c.q_size, c.intermediate_size))
+            norm, add_norm, silu = b.rms_norm_fp8, b.add_rms_norm_fp8, b.silu_and_mul_fp8
+        else:
+            xin, attn_in, act = x, attn, b.empty((t, c.intermediate_size))
+            norm, add_norm, silu = b.rms_norm, b.add_rms_norm, b.silu_and_mul
         b.embedding(input_ids, self.embed, residual)
-        b.rms_norm(residual, self.layers[0].input_norm, eps, x)
+        norm(residual, self.layers[0].input_norm, eps, xin)
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = kv_caches[i]
             if i > 0:
-                b.add_rms_norm(hidden, residual, layer.input_norm, eps, x)
-            b.linear(x, layer.qkv, layer.qkv_bias, qkv)
+                add_norm(hidden, residual, layer.input_norm, eps, xin)
+            b.linear(xin, layer.qkv, layer.qkv_bias, qkv)
             b.rope_and_cache(qkv, positions, meta.slot_mapping, k_cache, v_cache, self.cos_sin,
                              layer.q_norm, layer.k_norm, eps)
             b.attention(qkv, k_cache, v_cache, meta, self.scale, attn)
-            b.linear(attn, layer.o_proj, layer.o_bias, hidden)
-            b.add_rms_norm(hidden, residual, layer.post_norm, eps, x)
-            b.linear(x, layer.gate_up, None, gate_up)
-            b.silu_and_mul(gate_up, act)
+            if fp8:
+                b.quantize_fp8(attn, attn_in)
+            b.linear(attn_in, layer.o_proj, layer.o_bias, hidden)
+            add_norm(hidden, residual, layer.post_norm, eps, xin)
+            b.linear(xin, layer.gate_up, None, gate_up)
+            silu(gate_up, act)
             b.linear(act, layer.down, None, hidden)
-        b.add_rms_norm(hidden, residual, self.final_norm, eps, x)
+        b.add_rms_norm(hidden, residual, self.final_norm, eps, x)  # lm_head stays in the model dtype
         return x
 
     def compute_logits(self, hidden) -> Any:

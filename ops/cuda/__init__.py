@@ -9,6 +9,7 @@ from __future__ import annotations
 import cupy as cp
 import numpy as np
 
+from ops import jit_ops, quant
 from ops.cuda import attention as _attention
 from ops.cuda import basic as _basic
 from ops.cuda import sampling as _sampling
@@ -79,20 +80,23 @@ class CudaBackend:
     def release_cached_memory(self) -> None:
         cp.get_default_memory_pool().free_all_blocks()
 
-    def prepare_decode(self, config, max_num_seqs: int, max_model_len: int) -> None:
+    def prepare_decode(self, config, max_num_seqs: int, max_model_len: int, fp8: bool = False) -> None:
         """Before graph capture: the split-KV workspace for every batch size, and GEMM algorithms
-        tuned (or read from the on-disk cache) for the decode shapes."""
+        tuned (or read from the on-disk cache) for the decode shapes (fp8: the projections' as FP8 GEMMs)."""
         from graphs.manager import capture_sizes
         sizes = capture_sizes(max_num_seqs)
         _attention.reserve_decode_workspace(sizes[-1], config.num_attention_heads, config.num_key_value_heads,
                                             config.head_dim, max_model_len)
         h, qkv = config.hidden_size, config.q_size + 2 * config.kv_size
-        shapes = []
-        for m in sizes:
-            shapes += [(m, qkv, h, config.attention_bias), (m, h, config.q_size, False),
-                       (m, 2 * config.intermediate_size, h, False), (m, h, config.intermediate_size, False),
-                       (m, config.vocab_size, h, False)]
-        self._linear.tune(shapes, self.dtype_name)
+        projections = [(m, n, k, bias) for m in sizes for n, k, bias in (
+            (qkv, h, config.attention_bias), (h, config.q_size, False), (2 * config.intermediate_size, h, False),
+            (h, config.intermediate_size, False))]
+        lm_head = [(m, config.vocab_size, h, False) for m in sizes]
+        if fp8:
+            self._linear.tune(projections, self.dtype_name, fp8=True)
+            self._linear.tune(lm_head, self.dtype_name)
+        else:
+            self._linear.tune(projections + lm_head, self.dtype_name)
 
     # ops
     def embedding(self, ids, table, out):
@@ -110,6 +114,26 @@ class CudaBackend:
     def silu_and_mul(self, x, out):
         _basic.silu_and_mul(x, out)
 
+    # FP8 (--quantization fp8): weights quantized per output row at load, GEMM inputs per token by the kernel
+    # that makes them (out: an ops/quant.Fp8Activation, codes and scales)
+    def quantize_weight(self, w) -> quant.Fp8Weight:
+        require_fp8()
+        codes, scale = cp.empty(w.shape, cp.uint8), cp.empty((w.shape[0], 1), cp.float32)
+        jit_ops.quantize_fp8(w, codes, scale)
+        return quant.Fp8Weight(codes, scale.reshape(-1))
+
+    def rms_norm_fp8(self, x, weight, eps, out):
+        jit_ops.rms_norm_fp8(x, weight, eps, out.codes, out.scale)
+
+    def add_rms_norm_fp8(self, x, residual, weight, eps, out):
+        jit_ops.add_rms_norm_fp8(x, residual, weight, eps, out.codes, out.scale)
+
+    def silu_and_mul_fp8(self, x, out):
+        jit_ops.silu_and_mul_fp8(x, out.codes, out.scale)
+
+    def quantize_fp8(self, x, out):
+        jit_ops.quantize_fp8(x, out.codes, out.scale)
+
     def rope_and_cache(self, qkv, positions, slot_mapping, k_cache, v_cache, cos_sin,
                        q_norm=None, k_norm=None, eps=1e-6):
         _basic.rope_and_cache(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin, q_norm, k_norm, eps)
@@ -119,6 +143,16 @@ class CudaBackend:
 
     def sample(self, logits, sampling_tensors):
         return _sampling.sample(logits, sampling_tensors)
+
+
+def require_fp8() -> None:
+    """FP8 GEMMs need Ada or Hopper tensor cores (sm_89+): say which GPU this is and what runs instead."""
+    device = cp.cuda.Device()
+    cc = int(device.compute_capability)
+    if cc < 89:
+        name = cp.cuda.runtime.getDeviceProperties(device.id)["name"].decode()
+        raise RuntimeError(f"FP8 weights need an sm_89 or newer GPU (Ada, Hopper) for FP8 GEMMs; this {name} is "
+                           f"sm_{cc}. Serve without --quantization fp8 (fp16/bf16 weights), or an unquantized checkpoint")
 
 
 def to_storage(array: np.ndarray, dtype_name: str) -> np.ndarray:

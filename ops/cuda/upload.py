@@ -19,6 +19,7 @@ import numpy as np
 from engine.loader import WeightsError
 from engine.progress import Progress
 from engine.safetensors import DTYPES, FLOAT_DTYPES
+from ops import quant
 
 logger = logging.getLogger(__name__)
 
@@ -143,9 +144,11 @@ class WeightUploader:
     def __call__(self, *names: str):
         """Tensor `names[0]`, or several tensors merged along their first axis (q/k/v, gate/up): each is
         uploaded straight into its rows of one new array, so the merge costs no copy and no temporary."""
-        shapes = [tuple(self.weights.info(name)[2]) for name in names]
-        if not shapes:
+        if not names:
             raise ValueError("fetch needs at least one tensor name")
+        if self.weights.is_fp8(names[0]):  # an FP8 checkpoint's projection: its codes and scales as they are
+            return self._fp8(names)
+        shapes = [tuple(self.weights.info(name)[2]) for name in names]
         shape = shapes[0]
         if len(names) > 1:
             if any(len(s) == 0 or s[1:] != shape[1:] for s in shapes):
@@ -164,6 +167,15 @@ class WeightUploader:
         self._uploaded.record(self.stream)
         compute.wait_event(self._uploaded)
         return out
+
+    def _fp8(self, names):
+        from ops.cuda import require_fp8
+        require_fp8()
+        parts = []
+        for name in names:
+            codes, scale, input_scale = self.weights.get_fp8(name)
+            parts.append(quant.Fp8Weight(cp.asarray(np.ascontiguousarray(codes)), cp.asarray(scale), input_scale))
+        return parts[0] if len(parts) == 1 else quant.concatenate(parts, cp)
 
     def _fill(self, name: str, out_bits, at: int) -> int:
         """Upload tensor `name` into out_bits[at:] (uint16 elements of the destination); returns its size."""
