@@ -317,3 +317,61 @@ def test_cache_merges_concurrent_writers_and_survives_garbage(tmp_path, rng):
     assert bad.get("c") is None  # a wrong-length algorithm is ignored, not trusted
     with pytest.raises(ValueError, match="64 bytes"):
         autotune.decode_algo("00" * 63)
+
+
+class FakeLt:
+    """Stands in for libcublasLt: records descriptor attributes, layouts and matmuls (no GPU)."""
+
+    def __init__(self):
+        self.attrs, self.layouts, self.matmuls, self._next = {}, [], [], 1
+
+    def _handle(self, ref):
+        ref._obj.value, self._next = self._next, self._next + 1
+        return 0
+
+    def __getattr__(self, name):
+        def call(*args):
+            if name == "cublasLtGetVersion":
+                return 130100
+            if name in ("cublasLtCreate", "cublasLtMatmulDescCreate"):
+                return self._handle(args[0])
+            if name == "cublasLtMatrixLayoutCreate":
+                self.layouts.append(args[1:])
+                return self._handle(args[0])
+            if name == "cublasLtMatmulDescSetAttribute":
+                self.attrs[args[1]] = args[2]._obj.value
+            if name == "cublasLtMatmul":
+                self.matmuls.append(dict(self.attrs))
+            return 0
+        fn = lambda *a: call(*a)  # noqa: E731  (a fresh function: _declare sets argtypes on it)
+        setattr(self, name, fn)
+        return fn
+
+
+def test_fp8_plan_asks_for_e4m3_operands_and_outer_vector_scales():
+    lib = FakeLt()
+    lt = cublaslt.CublasLt(lib, "fake")
+    plan = lt.plan(cublaslt.PlanKey("bfloat16", 4, 4608, 3584, True, 3584, 4608, 256, "outer"))
+    e4m3, bf16 = cublaslt.CUDA_R_8F_E4M3, cublaslt.CUDA_R_16BF
+    # the weight [N, K] (op T) and x [M, K] as E4M3, out [M, N] in bf16: rows, cols, ld of each
+    assert lib.layouts == [(e4m3, 3584, 4608, 3584), (e4m3, 3584, 4, 3584), (bf16, 4608, 4, 4608)]
+    outer = cublaslt.CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F
+    assert lib.attrs[cublaslt.CUBLASLT_MATMUL_DESC_A_SCALE_MODE] == outer
+    assert lib.attrs[cublaslt.CUBLASLT_MATMUL_DESC_B_SCALE_MODE] == outer
+    assert lib.attrs[cublaslt.CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE] == bf16
+    with pytest.raises(ValueError, match="scale pointers"):
+        lt.matmul(plan, 1, 2, 3, 4, 5, 6, 7)
+    lt.matmul(plan, 1, 2, 3, 4, 5, 6, 7, scale_ptrs=(0x1000, 0x2000))
+    seen = lib.matmuls[-1]
+    assert (seen[cublaslt.CUBLASLT_MATMUL_DESC_A_SCALE_POINTER], seen[cublaslt.CUBLASLT_MATMUL_DESC_B_SCALE_POINTER],
+            seen[cublaslt.CUBLASLT_MATMUL_DESC_BIAS_POINTER]) == (0x1000, 0x2000, 4)
+    # the fallback: unscaled E4M3 into float32, no scale modes; a plain GEMM keeps its dtype for every operand
+    lib.attrs.clear()
+    lt.plan(cublaslt.PlanKey("float32", 4, 4608, 3584, False, 3584, 4608, 256, "unit"))
+    assert lib.layouts[-3:] == [(e4m3, 3584, 4608, 3584), (e4m3, 3584, 4, 3584), (cublaslt.CUDA_R_32F, 4608, 4, 4608)]
+    assert cublaslt.CUBLASLT_MATMUL_DESC_A_SCALE_MODE not in lib.attrs
+    lt.plan(cublaslt.PlanKey("float16", 4, 4608, 3584, False, 3584, 4608))
+    assert {layout[0] for layout in lib.layouts[-3:]} == {cublaslt.CUDA_R_16F}
+    with pytest.raises(ValueError, match="scales must be"):
+        lt.plan(cublaslt.PlanKey("float16", 4, 4608, 3584, False, 3584, 4608, 256, "tensor"))
+    assert autotune.tune_key("float16", 1, 2, 3, False, "outer") != autotune.tune_key("float16", 1, 2, 3, False)
