@@ -79,6 +79,9 @@ if [[ $what == fp8 ]]; then
   echo "== tests/gpu/test_fp8_gpu.py"
   timeout 200 python3 -m pytest -q -rs -s tests/gpu/test_fp8_gpu.py 2>&1 | tail -40 | tee "$OUT/fp8_tests.log"
   status=${PIPESTATUS[0]}
+  echo "== fp8 quality on the 7B shape (dummy weights), and weight bytes"
+  timeout 120 python3 perf/fp8_quality.py perf/configs/qwen2.5-7b --json "$OUT/engine.jsonl" 2>&1 | tail -5 \
+    | tee "$OUT/engine.log"
   for q in "" "--quantization fp8"; do
     echo "== engine benchmark ${q:-fp16}"
     timeout 150 python3 -m api.cli benchmark $ENGINE_ARGS $q --n 1,16,64,128,256 --json "$OUT/engine.jsonl" 2>&1 \
