@@ -41,7 +41,9 @@ class Linear:
         self.tuned: autotune.AutotuneCache | None = None
         self.plans: dict[PlanKey, Plan] = {}
         self.device_id: int | None = None
-        self.fp8_scales = "outer"  # how FP8 GEMMs are scaled; "unit" once cuBLASLt has refused outer vectors
+        # FP8 GEMMs with / without a bias epilogue (True / False) that cuBLASLt would not scale by outer vectors:
+        # those run "unit" (float32 out, scaled by a generated kernel)
+        self.fp8_unit: set[bool] = set()
 
     def _ensure(self) -> None:
         """Created at first use, not in __init__: the backend is built before the device is chosen."""
@@ -179,14 +181,15 @@ class Linear:
         return records
 
     def _outer_plan(self, key: PlanKey) -> Plan | None:
-        """The outer-vector-scaled FP8 plan of `key`, or None once cuBLASLt has refused one (remembered)."""
-        if self.fp8_scales == "outer":
+        """The outer-vector-scaled FP8 plan of `key`, or None once cuBLASLt has refused one with key's epilogue."""
+        if key.bias not in self.fp8_unit:
             try:
                 return self.plans.get(key) or self.plan(key)
-            except CublasLtError as e:  # an older cuBLASLt: no outer-vector scaling
-                warnings.warn(f"cuBLASLt {self.lt.version} cannot scale FP8 GEMMs per row and token ({e.name}); "
-                              "FP8 GEMMs write float32 and a separate kernel scales them (slower)")
-                self.fp8_scales = "unit"
+            except CublasLtError as e:  # an older cuBLASLt: no outer-vector scaling (with this epilogue)
+                warnings.warn(f"cuBLASLt {self.lt.version} cannot scale FP8 GEMMs {'with' if key.bias else 'without'} "
+                              f"a bias per row and token ({e.name}); those write float32 and a separate kernel scales "
+                              "them (slower)")
+                self.fp8_unit.add(key.bias)
         return None
 
     def close(self) -> None:
