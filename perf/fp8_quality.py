@@ -69,6 +69,7 @@ def main() -> int:
                   command="python perf/fp8_quality.py " + args.model, model=args.model, positions=int(cos.size),
                   cosine_min=round(float(cos.min()), 5), cosine_mean=round(float(cos.mean()), 5),
                   cosine_p1=round(float(np.percentile(cos, 1)), 5), argmax_agreement=round(agree, 4),
+                  weight_bytes_fp16=int(before), weight_bytes_fp8=int(after),
                   weights_gib_fp16=round(before / 2**30, 3), weights_gib_fp8=round(after / 2**30, 3),
                   seconds=round(time.perf_counter() - t0, 1))
     print(f"{card}: {cos.size} positions, cosine min {cos.min():.5f} p1 {np.percentile(cos, 1):.5f} mean "

@@ -290,3 +290,30 @@ def test_jit_rope_writes_the_fp8_cache_the_reference_writes(d, hq, hkv):
     np.testing.assert_array_equal(vc, caches[1].codes)
     with pytest.raises(ValueError, match="needs kv_scale"):
         jit_ops.rope_and_cache(got, positions, slots, kc, vc, cos_sin)
+
+
+def test_fp8_quality_script_reports_what_it_measured(tmp_path, monkeypatch, capsys):
+    """perf/fp8_quality.py (the 7B-shape quality run on the GPU) on a tiny config with dummy weights, numpy."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("fp8_quality", Path(__file__).resolve().parents[1] / "perf" /
+                                                  "fp8_quality.py")
+    fp8_quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fp8_quality)
+    config = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "q.jsonl"
+    monkeypatch.setattr(sys, "argv", ["fp8_quality.py", str(tmp_path), "--prompts", "2", "--len", "24",
+                                      "--device", "numpy", "--json", str(out)])
+    assert fp8_quality.main() == 0
+    rec = json.loads(out.read_text())
+    assert rec["positions"] == 48 and rec["card"] == "cpu"
+    assert 0.9 < rec["cosine_min"] <= rec["cosine_mean"] <= 1.0 and 0.0 <= rec["argmax_agreement"] <= 1.0
+    # the projections went from float32 (numpy's compute dtype) to a byte a weight plus a scale per row
+    assert rec["weight_bytes_fp8"] < rec["weight_bytes_fp16"]
+    assert "argmax agreement" in capsys.readouterr().out
