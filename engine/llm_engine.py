@@ -71,10 +71,6 @@ class LLMEngine:
         # vLLM's "auto": the checkpoint's dtype, but float16 for float32 checkpoints
         dtype = config.dtype if config.dtype != "auto" else {"float32": "float16"}.get(mc.torch_dtype, mc.torch_dtype)
         self.backend = get_backend(config.device, dtype)
-        if config.kv_cache_dtype != "auto" and self.backend.name != "numpy":
-            raise ConfigError(f"--kv-cache-dtype {config.kv_cache_dtype}: the FP8 KV cache runs on the numpy backend "
-                              f"only so far; the {self.backend.name} backend's attention reads fp16/bf16 caches. "
-                              "Use --kv-cache-dtype auto, or --device numpy")
         self.stage_times["config and tokenizer"] = time.perf_counter() - t0
         weights = DummyWeights(config.seed) if config.load_format == "dummy" else CheckpointWeights(path)
         with weights:

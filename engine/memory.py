@@ -12,10 +12,11 @@ from ops.metadata import AttentionMetadata
 logger = logging.getLogger(__name__)
 
 
-def kv_bytes_per_block(runner) -> int:
+def kv_bytes_per_block(runner, kv_cache_dtype: str = "auto") -> int:
+    """K and V of one block in every layer: the model dtype's bytes an element, or one (an E4M3 code)."""
     c = runner.config
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * runner.block_size * c.head_dim * \
-        np.dtype(runner.backend.dtype).itemsize
+    itemsize = 1 if kv_cache_dtype != "auto" else np.dtype(runner.backend.dtype).itemsize
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * runner.block_size * c.head_dim * itemsize
 
 
 def profile_peak_bytes(runner, num_tokens: int) -> int:
@@ -47,14 +48,16 @@ def kv_blocks_from_memory(runner, cfg) -> int:
     peak = profile_peak_bytes(runner, tokens)
     free, total = b.memory_info()
     budget = cfg.gpu_memory_utilization * total - (total - free) - peak
-    per_block = kv_bytes_per_block(runner)
+    per_block = kv_bytes_per_block(runner, cfg.kv_cache_dtype)
     # More blocks than 4x every sequence at full length only feed the prefix cache, and each costs
     # Python-side bookkeeping: a tiny model on a big GPU would otherwise get millions.
     s = cfg.scheduler
     blocks = min(int(budget // per_block), 4 * s.max_num_seqs * -(-s.max_model_len // runner.block_size))
     logger.info("memory: %.2f GiB total, %.2f GiB in use after weights, %.2f GiB activation peak "
-                "(%d tokens): %d KV blocks (%.2f GiB), %.1f sequences of %d tokens", total / 2**30,
-                (total - free) / 2**30, peak / 2**30, tokens, blocks, blocks * per_block / 2**30,
+                "(%d tokens): %d KV blocks%s (%.2f GiB), %.1f sequences of %d tokens", total / 2**30,
+                (total - free) / 2**30, peak / 2**30, tokens, blocks,
+                " of fp8 e4m3, twice what fp16 would fit" if cfg.kv_cache_dtype != "auto" else "",
+                blocks * per_block / 2**30,
                 blocks * runner.block_size / cfg.scheduler.max_model_len, cfg.scheduler.max_model_len)
     if blocks < 1:
         raise RuntimeError(f"no GPU memory left for the KV cache: {budget / 2**30:.2f} GiB after weights and "

@@ -48,7 +48,8 @@ class ModelRunner:
         else:  # E4M3 codes, a byte an element: a quarter of the numpy backend's float32, half of fp16
             from ops.quant import Fp8Cache
             self.kv_cache = backend.zeros(shape, dtype=np.uint8)
-            self.kv_caches = [tuple(Fp8Cache(self.kv_cache[i, j], _kv_scale(weights, i, "kv"[j], c.num_key_value_heads))
+            self.kv_caches = [tuple(Fp8Cache(self.kv_cache[i, j],
+                                             backend.from_host(_kv_scale(weights, i, "kv"[j], c.num_key_value_heads)))
                                     for j in range(2)) for i in range(c.num_hidden_layers)]
             logger.info("KV cache: fp8 e4m3, %d blocks of %d tokens, %.1f MiB (%d bytes a block and layer; fp16 would "
                         "take twice that)", self.num_blocks, self.block_size, self.kv_cache.nbytes / 2**20,

@@ -212,8 +212,8 @@ def rope_and_cache(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin, q_no
                    eps: float = 1e-6, kv_scale=None) -> None:
     """ops/reference.rope_and_cache: rotate q, k in place (neox halves), optional per-head RMSNorm first, write k, v
     to the paged cache at slot_mapping (slot -1: not written). Programs: (token, head group of Hkv heads).
-    An FP8 cache (uint8 E4M3 codes, as ops/quant.Fp8Cache holds them) takes kv_scale: float32 [2, Hkv], the k and
-    v scale of each KV head."""
+    An FP8 cache (uint8 E4M3 codes, as ops/quant.Fp8Cache holds them) takes kv_scale = (k_scale, v_scale), float32
+    [Hkv] each (or one [2, Hkv] array): the k and v scale of each KV head."""
     nb, hkv, bs, d = k_cache.shape
     t, width = qkv.shape
     hq = width // d - 2 * hkv
@@ -233,8 +233,8 @@ def rope_and_cache(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin, q_no
     if fp8 != (kv_scale is not None) or v_cache.dtype != k_cache.dtype:
         raise ValueError(f"rope_and_cache: caches {k_cache.dtype}/{v_cache.dtype} with kv_scale "
                          f"{'given' if kv_scale is not None else 'None'}: an E4M3 (uint8) cache pair needs kv_scale "
-                         "[2, Hkv], a float16/bfloat16 pair none")
-    scales = (kv_scale.reshape(2, hkv, 1),) * 2 if fp8 else ()
+                         "(k_scale, v_scale [Hkv]), a float16/bfloat16 pair none")
+    scales = tuple(kv_scale[i].reshape(hkv, 1) for i in (0, 1)) if fp8 else ()
     _rope_cache_call(hq // hkv, hkv, bs, half, q_norm is not None, fp8)(
         positions, slot_mapping, heads, heads, table, table, qn, qn, kn, kn, kc, kc, vc, vc, *scales, eps=float(eps))
 
@@ -253,7 +253,7 @@ def _rope_cache_call(group, hkv, bs, half, qk_norm, fp8=False):
     def cache(part):
         return BlockSpec((None, hkv, None, None, half), lambda i, j, p, s: (s[i] // bs, 0, s[i] % bs, part, 0))
 
-    per_head = [BlockSpec((None, hkv, 1), lambda i, j, p, s, part=part: (part, 0, 0)) for part in (0, 1)] if fp8 else []
+    per_head = [BlockSpec((hkv, 1), lambda i, j, p, s: (0, 0))] * 2 if fp8 else []  # k_scale, v_scale [Hkv, 1]
     return jit.pallas_call(functools.partial(_rope_cache, group=group, qk_norm=qk_norm, fp8=fp8),
                            grid=lambda pos, *_: (pos.shape[0], group + 2), num_scalar_prefetch=2,
                            in_specs=[block(0), block(1), trig(0), trig(1), weight(0), weight(1), weight(0), weight(1)],

@@ -13,9 +13,9 @@
 #          N = 1..256) -> $OUT/engine.{jsonl,log}; a warm restart (everything cached) -> $OUT/engine_warm.jsonl;
 #          the JIT kernels against the hand ones -> $OUT/kernels.{jsonl,log}; then tests/gpu -> $OUT/gpu_tests.log.
 #          About 6 minutes on an H100.
-#   fp8    issue #13: cuBLASLt's FP8 enums against the machine's headers, tests/gpu/test_fp8_gpu.py, the engine
-#          benchmark fp16 then --quantization fp8 (fresh caches for both) -> $OUT/engine.{jsonl,log}, then the rest
-#          of tests/gpu in the time left -> $OUT/gpu_tests.log.
+#   fp8    issue #13: cuBLASLt's FP8 enums against the machine's headers, tests/gpu/test_fp8_gpu.py and the FP8-cache
+#          attention tests -> $OUT/fp8_tests.log, perf/fp8_quality.py, the engine benchmark fp16, fp8 weights, fp8 KV
+#          cache, both -> $OUT/engine.{jsonl,log}, then the rest of tests/gpu in the time left -> $OUT/gpu_tests.log.
 # At most 8 files come back from $OUT: `all` writes exactly 8 (env.txt, gpu_tests.log, gpu_tests.xml, bench.jsonl,
 # bench.log, serve/summary.txt, serve/cupyllm.json, serve/cupyllm.log).
 # Record the figures afterwards with: python scripts/record_history.py <files_at>/bench.jsonl --card ...
@@ -76,15 +76,16 @@ if [[ $what == fp8 ]]; then
   grep -nE "SCALE_MODE|SCALE_POINTER|OUTER_VEC|CUDA_R_8F_E4M3" /usr/local/cuda/include/cublasLt.h \
     /usr/local/cuda/include/library_types.h 2>&1 | head -20 | tee -a "$OUT/env.txt"
   timeout 60 python3 -m pytest -q tests/test_cublaslt_cpu.py 2>&1 | tail -3 | tee -a "$OUT/env.txt"
-  echo "== tests/gpu/test_fp8_gpu.py"
-  timeout 200 python3 -m pytest -q -rs -s tests/gpu/test_fp8_gpu.py 2>&1 | tail -40 | tee "$OUT/fp8_tests.log"
+  echo "== tests/gpu/test_fp8_gpu.py, the FP8-cache attention tests"
+  timeout 200 python3 -m pytest -q -rs -s tests/gpu/test_fp8_gpu.py tests/gpu/test_attention.py -k "fp8 or Fp8" 2>&1 \
+    | tail -40 | tee "$OUT/fp8_tests.log"
   status=${PIPESTATUS[0]}
   echo "== fp8 quality on the 7B shape (dummy weights), and weight bytes"
-  timeout 120 python3 perf/fp8_quality.py perf/configs/qwen2.5-7b --json "$OUT/engine.jsonl" 2>&1 | tail -5 \
+  timeout 90 python3 perf/fp8_quality.py perf/configs/qwen2.5-7b --json "$OUT/engine.jsonl" 2>&1 | tail -5 \
     | tee "$OUT/engine.log"
-  for q in "" "--quantization fp8"; do
+  for q in "" "--quantization fp8" "--kv-cache-dtype fp8" "--quantization fp8 --kv-cache-dtype fp8"; do
     echo "== engine benchmark ${q:-fp16}"
-    timeout 150 python3 -m api.cli benchmark $ENGINE_ARGS $q --n 1,16,64,128,256 --json "$OUT/engine.jsonl" 2>&1 \
+    timeout 120 python3 -m api.cli benchmark $ENGINE_ARGS $q --n 1,16,64,128,256 --json "$OUT/engine.jsonl" 2>&1 \
       | tail -25 | tee -a "$OUT/engine.log"
   done
   left=$(( ${JIT_BUDGET_S:-570} - SECONDS ))

@@ -134,15 +134,24 @@ class CudaBackend:
     def quantize_fp8(self, x, out):
         jit_ops.quantize_fp8(x, out.codes, out.scale)
 
+    # The caches are arrays, or (--kv-cache-dtype fp8) ops/quant.Fp8Cache: E4M3 codes and a scale per KV head.
     def rope_and_cache(self, qkv, positions, slot_mapping, k_cache, v_cache, cos_sin,
                        q_norm=None, k_norm=None, eps=1e-6):
-        _basic.rope_and_cache(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin, q_norm, k_norm, eps)
+        (k, ks), (v, vs) = _cache_parts(k_cache), _cache_parts(v_cache)
+        _basic.rope_and_cache(qkv, positions, slot_mapping, k, v, cos_sin, q_norm, k_norm, eps,
+                              None if ks is None else (ks, vs))
 
     def attention(self, qkv, k_cache, v_cache, meta, scale, out):
-        _attention.attention(qkv, k_cache, v_cache, meta, scale, out)
+        (k, ks), (v, vs) = _cache_parts(k_cache), _cache_parts(v_cache)
+        _attention.attention(qkv, k, v, meta, scale, out, k_scale=ks, v_scale=vs)
 
     def sample(self, logits, sampling_tensors):
         return _sampling.sample(logits, sampling_tensors)
+
+
+def _cache_parts(cache):
+    """(codes, scale [Hkv]) of an Fp8Cache, (array, None) of an fp16/bf16 cache."""
+    return (cache.codes, cache.scale) if isinstance(cache, quant.Fp8Cache) else (cache, None)
 
 
 def require_fp8() -> None:

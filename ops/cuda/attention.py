@@ -26,7 +26,8 @@ MAX_SPLITS = 256                 # the combine kernel's shared weight array hold
 COMBINE_THREADS = 128
 
 
-def attention(qkv, k_cache, v_cache, meta: AttentionMetadata, scale: float, out, workspace=None) -> None:
+def attention(qkv, k_cache, v_cache, meta: AttentionMetadata, scale: float, out, workspace=None,
+              k_scale=None, v_scale=None) -> None:
     """Causal attention of the query rows of `qkv` over the paged cache, written to `out`.
 
     qkv: [T, >= Hq*D] (query heads first, row stride free); k_cache, v_cache: [num_blocks, Hkv, 16, D];
@@ -34,17 +35,21 @@ def attention(qkv, k_cache, v_cache, meta: AttentionMetadata, scale: float, out,
     and max_query_len only size grids: any bound at or above the true maxima gives the same result.
     `workspace`: float32 buffer for decode split partials (see decode_workspace_size); None uses a
     module-level buffer that grows outside graph capture (call reserve_decode_workspace first).
+    An FP8 cache: k_cache, v_cache hold E4M3 codes (uint8), k_scale and v_scale the float32 scale of each KV head
+    [Hkv] (value = code * scale); the kernels decode the codes on the fly.
     """
-    hkv, d, group = _check(qkv, k_cache, v_cache, meta, out)
+    hkv, d, group = _check(qkv, k_cache, v_cache, meta, out, k_scale, v_scale)
     if meta.max_query_len <= 0:
         return
     ints = dict(q_stride=np.int32(qkv.strides[0] // qkv.itemsize), out_stride=np.int32(out.strides[0] // out.itemsize),
                 max_blocks=np.int32(meta.block_tables.shape[1]))
     scale_log2 = np.float32(scale * np.log2(np.e))  # kernels use exp2
+    # The fp16/bf16 kernels never read the scale pointers: any device pointer will do.
+    scales = (k_scale, v_scale) if k_scale is not None else (meta.seq_lens, meta.seq_lens)
     if meta.max_query_len == 1:
-        _decode(qkv, k_cache, v_cache, meta, out, hkv, d, group, ints, scale_log2, workspace)
+        _decode(qkv, k_cache, v_cache, scales, meta, out, hkv, d, group, ints, scale_log2, workspace)
     else:
-        _prefill(qkv, k_cache, v_cache, meta, out, hkv, d, group, ints, scale_log2)
+        _prefill(qkv, k_cache, v_cache, scales, meta, out, hkv, d, group, ints, scale_log2)
 
 
 def num_splits(num_seqs: int, num_kv_heads: int, group: int, max_seq_len: int) -> int:
@@ -101,7 +106,7 @@ def _num_sms() -> int:
     return cp.cuda.Device().attributes["MultiProcessorCount"]
 
 
-def _decode(qkv, k_cache, v_cache, meta, out, hkv, d, group, ints, scale_log2, workspace):
+def _decode(qkv, k_cache, v_cache, scales, meta, out, hkv, d, group, ints, scale_log2, workspace):
     num_seqs = meta.seq_lens.shape[0]
     splits = num_splits(num_seqs, hkv, group, meta.max_seq_len)
     hq = hkv * group
@@ -116,10 +121,10 @@ def _decode(qkv, k_cache, v_cache, meta, out, hkv, d, group, ints, scale_log2, w
         partial_o = ws[: num_seqs * hq * splits * d]
         partial_ml = ws[num_seqs * hq * splits * d: need]
     ctype = cuda_type(qkv.dtype)
-    kernel, smem = _decode_kernel(ctype, d, DECODE_WARPS, DECODE_STAGES)
+    kernel, smem = _decode_kernel(ctype, d, DECODE_WARPS, DECODE_STAGES, _fp8(k_cache))
     grid = (splits, hkv * -(-group // 16), num_seqs)
     kernel(grid, (DECODE_WARPS * 32,), (
-        qkv, ints["q_stride"], k_cache, v_cache, meta.block_tables, ints["max_blocks"], meta.seq_lens,
+        qkv, ints["q_stride"], k_cache, v_cache, *scales, meta.block_tables, ints["max_blocks"], meta.seq_lens,
         meta.query_start_loc, out, ints["out_stride"], partial_o, partial_ml, np.int32(hkv), np.int32(group),
         np.int32(splits), np.int32(MIN_CHUNK), scale_log2), shared_mem=smem)
     if splits > 1:
@@ -129,23 +134,33 @@ def _decode(qkv, k_cache, v_cache, meta, out, hkv, d, group, ints, scale_log2, w
                                       ints["out_stride"], np.int32(splits), np.int32(MIN_CHUNK)))
 
 
-def _prefill(qkv, k_cache, v_cache, meta, out, hkv, d, group, ints, scale_log2):
-    mt, keys, stages = PREFILL_MT, PREFILL_KEYS, PREFILL_STAGES
-    if _prefill_smem(d, mt, keys, stages) > _max_smem():
+def _prefill(qkv, k_cache, v_cache, scales, meta, out, hkv, d, group, ints, scale_log2):
+    mt, keys, stages, fp8 = PREFILL_MT, PREFILL_KEYS, PREFILL_STAGES, _fp8(k_cache)
+    if _prefill_smem(d, mt, keys, stages, fp8) > _max_smem():
         stages = 2  # sm_86/sm_89 give a block 99 KB
-    kernel, smem = _prefill_kernel(cuda_type(qkv.dtype), d, mt, keys, stages)
+    kernel, smem = _prefill_kernel(cuda_type(qkv.dtype), d, mt, keys, stages, fp8)
     num_seqs = meta.seq_lens.shape[0]
     grid = (-(-meta.max_query_len * group // (64 * mt)), hkv, num_seqs)
     kernel(grid, (128,), (
-        qkv, ints["q_stride"], k_cache, v_cache, meta.block_tables, ints["max_blocks"], meta.seq_lens,
+        qkv, ints["q_stride"], k_cache, v_cache, *scales, meta.block_tables, ints["max_blocks"], meta.seq_lens,
         meta.query_start_loc, out, ints["out_stride"], np.int32(hkv), np.int32(group), scale_log2), shared_mem=smem)
 
 
+def _fp8(cache) -> bool:
+    return cache.dtype == np.uint8
+
+
+def _fp8_define(fp8: bool) -> dict:
+    return {"KV_FP8": 1} if fp8 else {}  # the fp16/bf16 variants keep their compiled names (and cache entries)
+
+
 @functools.cache
-def _decode_kernel(ctype: str, d: int, warps: int, stages: int):
+def _decode_kernel(ctype: str, d: int, warps: int, stages: int, fp8: bool = False):
     kernel = get_kernel("attention_decode.cu", "paged_attention_decode", T=ctype, HEAD_DIM=d,
-                        NUM_WARPS=warps, STAGES=stages)
-    ring = warps * stages * 2 * BLOCK_SIZE * d * 2  # per warp: `stages` pages of K and V
+                        NUM_WARPS=warps, STAGES=stages, **_fp8_define(fp8))
+    page = BLOCK_SIZE * d * 2  # one page of K or V as fp16/bf16
+    # per warp: `stages` pages of K and V; FP8: the pages' codes (half the bytes) and one decoded K and V page
+    ring = warps * (stages * page + 2 * page if fp8 else stages * 2 * page)
     merge = (warps * 32 + 32 + warps * 16 * (d + 8)) * 4
     smem = max(ring, merge)
     kernel.max_dynamic_shared_size_bytes = smem
@@ -153,15 +168,17 @@ def _decode_kernel(ctype: str, d: int, warps: int, stages: int):
 
 
 @functools.cache
-def _prefill_kernel(ctype: str, d: int, mt: int, keys: int, stages: int):
+def _prefill_kernel(ctype: str, d: int, mt: int, keys: int, stages: int, fp8: bool = False):
     kernel = get_kernel("attention_prefill.cu", "paged_attention_prefill", T=ctype, HEAD_DIM=d, MT=mt, BN=keys,
-                        STAGES=stages)
-    smem = _prefill_smem(d, mt, keys, stages)
+                        STAGES=stages, **_fp8_define(fp8))
+    smem = _prefill_smem(d, mt, keys, stages, fp8)
     kernel.max_dynamic_shared_size_bytes = smem
     return kernel, smem
 
 
-def _prefill_smem(d: int, mt: int, keys: int, stages: int) -> int:
+def _prefill_smem(d: int, mt: int, keys: int, stages: int, fp8: bool = False) -> int:
+    if fp8:  # Q tile + `stages` K and V tiles of codes + one decoded K and V tile
+        return (64 * mt + 2 * keys) * d * 2 + stages * 2 * keys * d
     return (64 * mt + stages * 2 * keys) * d * 2  # Q tile + `stages` K and V tiles
 
 
@@ -170,13 +187,25 @@ def _max_smem() -> int:
     return cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
 
 
-def _check(qkv, k_cache, v_cache, meta, out):
+def _check(qkv, k_cache, v_cache, meta, out, k_scale, v_scale):
     """Validate shapes, dtypes and layouts; return (Hkv, D, group)."""
     if qkv.dtype not in (np.float16, np.uint16):
         raise TypeError(f"attention runs float16 or bfloat16 (uint16 bits), got qkv {qkv.dtype}")
-    for name, a in (("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
-        if a.dtype != qkv.dtype:
-            raise TypeError(f"{name} dtype {a.dtype} differs from qkv dtype {qkv.dtype}")
+    fp8 = k_cache.dtype == np.uint8
+    if out.dtype != qkv.dtype:
+        raise TypeError(f"out dtype {out.dtype} differs from qkv dtype {qkv.dtype}")
+    for name, a in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if a.dtype != (np.uint8 if fp8 else qkv.dtype):
+            raise TypeError(f"{name} dtype {a.dtype}: the caches are both qkv's dtype {qkv.dtype}, or both uint8 "
+                            "(E4M3 codes, with k_scale and v_scale)")
+    if fp8 != (k_scale is not None) or (k_scale is None) != (v_scale is None):
+        raise ValueError("an E4M3 (uint8) cache takes k_scale and v_scale (float32 [Hkv]); an fp16/bf16 one neither")
+    if fp8:
+        for name, a in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if not isinstance(a, cp.ndarray) or a.dtype != np.float32 or a.shape != (k_cache.shape[1],) \
+                    or not a.flags.c_contiguous:
+                raise TypeError(f"{name} must be a contiguous float32 CuPy array [Hkv={k_cache.shape[1]}], "
+                                f"got {type(a).__name__} {getattr(a, 'dtype', '')} {getattr(a, 'shape', '')}")
     if k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache/v_cache must be [num_blocks, Hkv, 16, D] alike, got {k_cache.shape} {v_cache.shape}")
     if not (k_cache.flags.c_contiguous and v_cache.flags.c_contiguous):

@@ -114,31 +114,40 @@ def silu_and_mul(x, out) -> None:
 
 
 def rope_and_cache(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin,
-                   q_norm=None, k_norm=None, eps: float = 1e-6) -> None:
+                   q_norm=None, k_norm=None, eps: float = 1e-6, kv_scale=None) -> None:
     """Rotate q and k in place in qkv (neox layout), after Qwen3's per-head RMSNorm if q_norm/k_norm are
     given, and write the rotated k and v into the paged cache at slot_mapping (slot -1 skipped). One launch.
 
     qkv: [T, (Hq + 2*Hkv) * D]; positions, slot_mapping: [T] int32; k_cache, v_cache: [num_blocks, Hkv,
     block_size, D]; cos_sin: [max_pos, D] float32 (cos | sin); q_norm, k_norm: [D]. Positions must be in
     [0, max_pos) and slots below num_blocks * block_size: they are not checked (that would need a sync).
+    An FP8 cache: uint8 (E4M3) k_cache and v_cache, kv_scale = (k_scale, v_scale), float32 [Hkv] each.
     """
-    num_tokens, _, _, _, head_dim = check_rope(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin, q_norm, k_norm)
+    num_tokens, _, hkv, _, head_dim = check_rope(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin, q_norm,
+                                                 k_norm, kv_scale is not None)
+    if kv_scale is not None:
+        for name, a in zip(("k_scale", "v_scale"), kv_scale):
+            _check(name, a, 1, (np.dtype(np.float32),), align=4)
+            _shape(name, a, (hkv,))
     if head_dim % 2 or head_dim // 2 * qkv.itemsize % 4:
         raise ValueError(f"rope_and_cache: head_dim {head_dim} must be even with halves of whole 4-byte words")
     if num_tokens == 0:
         return
-    jit_ops.rope_and_cache(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin, q_norm, k_norm, eps)
+    jit_ops.rope_and_cache(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin, q_norm, k_norm, eps, kv_scale)
 
 
-def check_rope(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin, q_norm, k_norm) -> tuple[int, ...]:
-    """rope_and_cache's preconditions (ValueError naming the argument); (T, Hq, Hkv, block_size, D)."""
+def check_rope(qkv, positions, slot_mapping, k_cache, v_cache, cos_sin, q_norm, k_norm, fp8=False
+               ) -> tuple[int, ...]:
+    """rope_and_cache's preconditions (ValueError naming the argument); (T, Hq, Hkv, block_size, D).
+    fp8: the caches hold E4M3 codes (uint8)."""
     _check("qkv", qkv, 2)
     _check("positions", positions, 1, INT32, align=4)
     _check("slot_mapping", slot_mapping, 1, INT32, align=4)
-    _check("k_cache", k_cache, 4)
-    _check("v_cache", v_cache, 4)
+    _check("k_cache", k_cache, 4, (np.dtype(np.uint8),) if fp8 else ACTIVATION_DTYPES)
+    _check("v_cache", v_cache, 4, (np.dtype(np.uint8),) if fp8 else ACTIVATION_DTYPES)
     _check("cos_sin", cos_sin, 2, (np.dtype(np.float32),))
-    _same("k_cache", k_cache, "qkv", qkv)
+    if not fp8:
+        _same("k_cache", k_cache, "qkv", qkv)
     _same("v_cache", v_cache, "k_cache", k_cache, k_cache.shape)
     _, num_kv_heads, block_size, head_dim = k_cache.shape
     num_tokens, width = qkv.shape

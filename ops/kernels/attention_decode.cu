@@ -17,7 +17,12 @@
 // CTAs whose split index is past that exit at once. So one captured graph serves every context
 // length, and short contexts cost only a few idle CTAs. With more than one split, each CTA writes
 // an unnormalised partial (O, max, sum) to the workspace and paged_attention_combine merges them.
-// nvcc-variants: -DT=half; -DT=__nv_bfloat16; -DT=__nv_bfloat16 -DHEAD_DIM=64; -DT=half -DHEAD_DIM=16
+//
+// KV_FP8: the cache holds E4M3 codes (a byte an element) and a float32 scale per KV head, k_scale and
+// v_scale [Hkv]. cp.async lands a page's codes in the ring (half the bytes of an fp16 page); the warp
+// decodes them into one fp16/bf16 tile of the usual layout, and the tensor-core loop runs unchanged.
+// The K scale is folded into the softmax scale, the V scale into the output (both are linear there).
+// nvcc-variants: -DT=half; -DT=__nv_bfloat16; -DT=__nv_bfloat16 -DHEAD_DIM=64; -DT=half -DHEAD_DIM=16; -DT=half -DKV_FP8=1; -DT=__nv_bfloat16 -DKV_FP8=1 -DHEAD_DIM=64; -DT=half -DKV_FP8=1 -DHEAD_DIM=16
 #include "mma.cuh"
 
 #ifndef T
@@ -32,6 +37,9 @@
 #ifndef STAGES
 #define STAGES 2
 #endif
+#ifndef KV_FP8
+#define KV_FP8 0
+#endif
 #define MIN_CTAS (NUM_WARPS >= 12 ? 1 : 12 / NUM_WARPS)  // 12 warps per SM: <= 170 registers
 #define MAX_SPLITS 256                       // the launcher never asks for more
 #define COMBINE_THREADS 128
@@ -39,7 +47,16 @@
 #define PAGE 16                              // tokens per cache block (fixed by the engine)
 #define CHUNKS (HEAD_DIM / 8)                // 16-byte chunks per token row
 #define SWZ ((CHUNKS < 8 ? CHUNKS : 8) - 1)  // XOR swizzle of chunk by row: conflict-free ldmatrix
-#define PAGE_BYTES (PAGE * HEAD_DIM * 2)
+#define PAGE_BYTES (PAGE * HEAD_DIM * 2)     // one page of K (or V) as T
+#if KV_FP8
+typedef unsigned char kv_t;
+#define RAW_BYTES (PAGE * HEAD_DIM)          // one page as it is cached: a code a byte
+#define WARP_SMEM (STAGES * 2 * RAW_BYTES + 2 * PAGE_BYTES)  // ring of codes, then the decoded K and V tile
+#else
+typedef T kv_t;
+#define RAW_BYTES PAGE_BYTES
+#define WARP_SMEM (STAGES * 2 * PAGE_BYTES)
+#endif
 #define KSTEPS (HEAD_DIM / 16)               // mma k-steps over head_dim
 #define DTILES (HEAD_DIM / 8)                // mma n-tiles over head_dim
 #define O_STRIDE (HEAD_DIM + 8)              // fp32 row stride of the merge buffer (bank spread)
@@ -62,8 +79,17 @@ __device__ __forceinline__ int split_plan(int seq_len, int max_splits, int min_c
     return (seq_len + c - 1) / c;
 }
 
-// Issue the cp.async copies of one K page and one V page (16 tokens x D) into a warp's stage.
-__device__ __forceinline__ void load_page(unsigned s_k, const T* k_page, const T* v_page, int valid, int lane) {
+// Issue the cp.async copies of one K page and one V page (16 tokens x D) into a warp's stage: swizzled
+// T tiles, or (KV_FP8) the codes as they lie, rows of HEAD_DIM bytes. Tokens >= valid are zeros.
+__device__ __forceinline__ void load_page(unsigned s_k, const kv_t* k_page, const kv_t* v_page, int valid, int lane) {
+#if KV_FP8
+#pragma unroll
+    for (int i = lane; i < PAGE * HEAD_DIM / 16; i += 32) {
+        const int bytes = i / (HEAD_DIM / 16) < valid ? 16 : 0;
+        cp_async16(s_k + i * 16, k_page + i * 16, bytes);
+        cp_async16(s_k + RAW_BYTES + i * 16, v_page + i * 16, bytes);
+    }
+#else
 #pragma unroll
     for (int i = lane; i < PAGE * CHUNKS; i += 32) {
         const int row = i / CHUNKS, off = swz(row, i % CHUNKS);
@@ -71,11 +97,13 @@ __device__ __forceinline__ void load_page(unsigned s_k, const T* k_page, const T
         cp_async16(s_k + off, k_page + i * 8, bytes);
         cp_async16(s_k + PAGE_BYTES + off, v_page + i * 8, bytes);
     }
+#endif
 }
 
 extern "C" __global__ void __launch_bounds__(NUM_WARPS * 32, MIN_CTAS)
 paged_attention_decode(const T* __restrict__ qkv, int q_stride,
-                       const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+                       const kv_t* __restrict__ k_cache, const kv_t* __restrict__ v_cache,
+                       const float* __restrict__ k_scale, const float* __restrict__ v_scale,  // KV_FP8 only
                        const int* __restrict__ block_tables, int max_blocks,
                        const int* __restrict__ seq_lens, const int* __restrict__ query_start_loc,
                        T* __restrict__ out, int out_stride,
@@ -106,6 +134,11 @@ paged_attention_decode(const T* __restrict__ qkv, int q_stride,
     if (split >= nsplit) return;  // grid sized for a longer context than this sequence has
     const int tok_begin = split * chunk, tok_end = min(seq_len, tok_begin + chunk);
     const int first_page = tok_begin / PAGE, num_pages = (tok_end - tok_begin + PAGE - 1) / PAGE;
+#if KV_FP8
+    const float qk_scale = scale_log2 * k_scale[kvh], out_scale = v_scale[kvh];
+#else
+    const float qk_scale = scale_log2, out_scale = 1.0f;
+#endif
 
     // Q as mma A fragments: rows g and g+8 are query heads head0+g, head0+g+8 (zero if absent).
     unsigned qa[KSTEPS][4];
@@ -125,14 +158,14 @@ paged_attention_decode(const T* __restrict__ qkv, int q_stride,
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.0f, l1 = 0.0f;  // rows g, g+8 (l: this lane's part)
 
     // This warp takes pages warp, warp + NUM_WARPS, ... of the split, through its own ring.
-    const unsigned ring = smem_addr(smem) + warp * STAGES * 2 * PAGE_BYTES;
+    const unsigned ring = smem_addr(smem) + warp * WARP_SMEM;
     const int my_pages = num_pages > warp ? (num_pages - warp + NUM_WARPS - 1) / NUM_WARPS : 0;
     const int* table = block_tables + (size_t)b * max_blocks;
     auto issue = [&](int i) {
         if (i < my_pages) {
             const int page = first_page + warp + i * NUM_WARPS;
             const size_t base = ((size_t)table[page] * num_kv_heads + kvh) * PAGE * HEAD_DIM;
-            load_page(ring + (i % STAGES) * 2 * PAGE_BYTES, k_cache + base, v_cache + base,
+            load_page(ring + (i % STAGES) * 2 * RAW_BYTES, k_cache + base, v_cache + base,
                       tok_end - page * PAGE, lane);
         }
         cp_async_commit();  // empty groups keep the wait_group count uniform
@@ -146,7 +179,18 @@ paged_attention_decode(const T* __restrict__ qkv, int q_stride,
         issue(i + STAGES - 1);
         cp_async_wait<STAGES - 1>();
         __syncwarp();
+#if KV_FP8
+        {  // decode the stage's codes into the warp's T tile (the __syncwarp closing the last page freed it)
+            unsigned char* raw = smem + warp * WARP_SMEM + (i % STAGES) * 2 * RAW_BYTES;
+            unsigned char* tile = smem + warp * WARP_SMEM + STAGES * 2 * RAW_BYTES;
+            e4m3_tile<T, HEAD_DIM>(tile, raw, PAGE * HEAD_DIM / 16, lane, 32);
+            e4m3_tile<T, HEAD_DIM>(tile + PAGE_BYTES, raw + RAW_BYTES, PAGE * HEAD_DIM / 16, lane, 32);
+            __syncwarp();
+        }
+        const unsigned s_k = ring + STAGES * 2 * RAW_BYTES, s_v = s_k + PAGE_BYTES;
+#else
         const unsigned s_k = ring + (i % STAGES) * 2 * PAGE_BYTES, s_v = s_k + PAGE_BYTES;
+#endif
         const int page_tok = (first_page + warp + i * NUM_WARPS) * PAGE;
 
         // S = Q K^T for the page's 16 tokens: n-tiles of tokens 0-7 and 8-15.
@@ -163,7 +207,7 @@ paged_attention_decode(const T* __restrict__ qkv, int q_stride,
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int tok = page_tok + j * 8 + 2 * t + (e & 1);
-                s[j][e] = tok < tok_end ? s[j][e] * scale_log2 : NEG_INF;
+                s[j][e] = tok < tok_end ? s[j][e] * qk_scale : NEG_INF;
             }
         float mx0 = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
         float mx1 = fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]));
@@ -239,6 +283,7 @@ paged_attention_decode(const T* __restrict__ qkv, int q_stride,
         float acc = 0.0f;
 #pragma unroll
         for (int w = 0; w < NUM_WARPS; ++w) acc += sm_o[(w * 16 + row) * O_STRIDE + d];
+        acc *= out_scale;
         if (nsplit == 1) {
             out_row[i] = T(acc / sm_stat[row * 2 + 1]);
         } else {

@@ -11,7 +11,10 @@
 // KV head's group, flattened token-major, so each K/V tile is loaded once for all the group's
 // heads. CTA = 4 warps x 16*MT rows; key tiles of 64 tokens (4 pages) in a cp.async ring of STAGES.
 // grid (row tiles sized from max_query_len * group, Hkv, B): tiles past a sequence's rows exit.
-// nvcc-variants: -DT=half; -DT=__nv_bfloat16; -DT=half -DHEAD_DIM=64; -DT=half -DHEAD_DIM=16 -DSTAGES=3; -DT=half -DMT=2 -DBN=32 -DSTAGES=3
+// KV_FP8: an E4M3 cache with float32 k_scale / v_scale [Hkv], as in attention_decode.cu: the ring holds
+// the tiles' codes, the CTA decodes each into one T tile of the usual layout; scales fold into the softmax
+// scale and the output.
+// nvcc-variants: -DT=half; -DT=__nv_bfloat16; -DT=half -DHEAD_DIM=64; -DT=half -DHEAD_DIM=16 -DSTAGES=3; -DT=half -DMT=2 -DBN=32 -DSTAGES=3; -DT=half -DKV_FP8=1; -DT=__nv_bfloat16 -DKV_FP8=1 -DHEAD_DIM=64; -DT=half -DKV_FP8=1 -DHEAD_DIM=16
 #include "mma.cuh"
 
 #ifndef T
@@ -38,7 +41,17 @@
 #define KSTEPS (HEAD_DIM / 16)
 #define DTILES (HEAD_DIM / 8)
 #define Q_BYTES (BM * HEAD_DIM * 2)
-#define TILE_BYTES (BN * HEAD_DIM * 2)
+#define TILE_BYTES (BN * HEAD_DIM * 2)       // one key tile of K (or V) as T
+#ifndef KV_FP8
+#define KV_FP8 0
+#endif
+#if KV_FP8
+typedef unsigned char kv_t;
+#define RAW_BYTES (BN * HEAD_DIM)            // a key tile as cached: a code a byte
+#else
+typedef T kv_t;
+#define RAW_BYTES TILE_BYTES
+#endif
 
 static_assert(HEAD_DIM % 16 == 0 && (CHUNKS & (CHUNKS - 1)) == 0, "HEAD_DIM must be 16 * 2^k");
 
@@ -47,9 +60,21 @@ __device__ __forceinline__ unsigned swz(int row, int chunk) {
 }
 
 // Copy key tile `tile` (BN tokens of K and V for one KV head) into a stage; keys >= num_keys are zeros.
-__device__ __forceinline__ void load_kv_tile(unsigned s_k, const T* k_cache, const T* v_cache,
+__device__ __forceinline__ void load_kv_tile(unsigned s_k, const kv_t* k_cache, const kv_t* v_cache,
                                              const int* table, int num_kv_heads, int kvh,
                                              int tile, int num_keys, int tid) {
+#if KV_FP8  // the codes as they lie: rows of HEAD_DIM bytes
+#pragma unroll
+    for (int i = tid; i < BN * HEAD_DIM / 16; i += NUM_WARPS * 32) {
+        const int row = i / (HEAD_DIM / 16), c = i % (HEAD_DIM / 16);
+        const int tok = tile * BN + row;
+        const int live = tok < num_keys;
+        const int safe = live ? tok : num_keys - 1;
+        const size_t src = (((size_t)table[safe / PAGE] * num_kv_heads + kvh) * PAGE + safe % PAGE) * HEAD_DIM + c * 16;
+        cp_async16(s_k + i * 16, k_cache + src, live ? 16 : 0);
+        cp_async16(s_k + RAW_BYTES + i * 16, v_cache + src, live ? 16 : 0);
+    }
+#else
 #pragma unroll
     for (int i = tid; i < BN * CHUNKS; i += NUM_WARPS * 32) {
         const int row = i / CHUNKS, c = i % CHUNKS;
@@ -61,15 +86,17 @@ __device__ __forceinline__ void load_kv_tile(unsigned s_k, const T* k_cache, con
         cp_async16(s_k + off, k_cache + src, live ? 16 : 0);
         cp_async16(s_k + TILE_BYTES + off, v_cache + src, live ? 16 : 0);
     }
+#endif
 }
 
 extern "C" __global__ void __launch_bounds__(NUM_WARPS * 32)
 paged_attention_prefill(const T* __restrict__ qkv, int q_stride,
-                        const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+                        const kv_t* __restrict__ k_cache, const kv_t* __restrict__ v_cache,
+                        const float* __restrict__ k_scale, const float* __restrict__ v_scale,  // KV_FP8 only
                         const int* __restrict__ block_tables, int max_blocks,
                         const int* __restrict__ seq_lens, const int* __restrict__ query_start_loc,
                         T* __restrict__ out, int out_stride,
-                        int num_kv_heads, int group, float scale_log2) {
+                        int num_kv_heads, int group, float scale_log2_in) {
     extern __shared__ __align__(128) unsigned char smem[];
     const int b = blockIdx.z, kvh = blockIdx.y;
     const int tile_m = gridDim.x - 1 - blockIdx.x;  // longest (most keys) row tiles start first
@@ -93,6 +120,11 @@ paged_attention_prefill(const T* __restrict__ qkv, int q_stride,
     const int unmasked_keys = first_pos + row0 / group + 1;   // keys every row of the CTA sees
     const int num_tiles = (num_keys + BN - 1) / BN;
     const int* table = block_tables + (size_t)b * max_blocks;
+#if KV_FP8
+    const float scale_log2 = scale_log2_in * k_scale[kvh], out_scale = v_scale[kvh];
+#else
+    const float scale_log2 = scale_log2_in, out_scale = 1.0f;
+#endif
 
     const unsigned s_q = smem_addr(smem), s_kv0 = s_q + Q_BYTES;
     // Q tile: row r -> (token, head) = divmod(row0 + r, group); rows past the span are zeros.
@@ -107,7 +139,7 @@ paged_attention_prefill(const T* __restrict__ qkv, int q_stride,
 #pragma unroll
     for (int st = 1; st < STAGES - 1; ++st) {
         if (st < num_tiles)
-            load_kv_tile(s_kv0 + st * 2 * TILE_BYTES, k_cache, v_cache, table, num_kv_heads, kvh, st, num_keys, tid);
+            load_kv_tile(s_kv0 + st * 2 * RAW_BYTES, k_cache, v_cache, table, num_kv_heads, kvh, st, num_keys, tid);
         cp_async_commit();  // empty groups keep the wait_group count uniform
     }
 
@@ -140,7 +172,7 @@ paged_attention_prefill(const T* __restrict__ qkv, int q_stride,
         // Refill the stage read in iteration j-1 (the barrier closing that iteration freed it).
         const int next = j + STAGES - 1;
         if (next < num_tiles)
-            load_kv_tile(s_kv0 + (next % STAGES) * 2 * TILE_BYTES, k_cache, v_cache, table, num_kv_heads, kvh,
+            load_kv_tile(s_kv0 + (next % STAGES) * 2 * RAW_BYTES, k_cache, v_cache, table, num_kv_heads, kvh,
                          next, num_keys, tid);
         cp_async_commit();
         cp_async_wait<STAGES - 1>();  // tile j (and Q) landed
@@ -151,7 +183,16 @@ paged_attention_prefill(const T* __restrict__ qkv, int q_stride,
             for (int kk = 0; kk < KSTEPS; ++kk) ldmatrix_x4(qa[kk], Q_ADDR(0, kk));
         }
 #endif
+#if KV_FP8  // decode tile j's codes into the T tile behind the ring (the barrier closing j-1 freed it)
+        unsigned char* tile = smem + Q_BYTES + STAGES * 2 * RAW_BYTES;
+        const unsigned char* raw = smem + Q_BYTES + (j % STAGES) * 2 * RAW_BYTES;
+        e4m3_tile<T, HEAD_DIM>(tile, raw, BN * HEAD_DIM / 16, tid, NUM_WARPS * 32);
+        e4m3_tile<T, HEAD_DIM>(tile + TILE_BYTES, raw + RAW_BYTES, BN * HEAD_DIM / 16, tid, NUM_WARPS * 32);
+        __syncthreads();
+        const unsigned s_k = s_kv0 + STAGES * 2 * RAW_BYTES, s_v = s_k + TILE_BYTES;
+#else
         const unsigned s_k = s_kv0 + (j % STAGES) * 2 * TILE_BYTES, s_v = s_k + TILE_BYTES;
+#endif
 
         // S = Q K^T; each K fragment feeds all MT m-tiles.
         float s[MT][BN / 8][4];
@@ -245,7 +286,7 @@ paged_attention_prefill(const T* __restrict__ qkv, int q_stride,
             float sum = l[mt][h];
             sum += __shfl_xor_sync(0xffffffffu, sum, 1);
             sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-            const float inv = 1.0f / sum;
+            const float inv = out_scale / sum;
             const int r = warp * 16 * MT + mt * 16 + g + 8 * h;
             if (r < rows) {
                 const int flat = row0 + r;

@@ -1,6 +1,7 @@
 // Tensor-core and async-copy helpers of the attention kernels, as inline PTX (no <mma.h>: pip-only CUDA
 // installs lack its headers): m16n8k16 mma for fp16/bf16, cp.async, ldmatrix, ex2. Pasted in place of
-// the #include line by ops/cuda/compile.py; nvcc finds it beside the .cu.
+// the #include line by ops/cuda/compile.py; nvcc finds it beside the .cu. Also the E4M3 decode of an FP8 KV
+// cache into the same swizzled tiles.
 #pragma once
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -55,4 +56,45 @@ __device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx: exp2(-inf)
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
+}
+
+// E4M3 codes (OCP FP8, the KV cache as ops/quant.Fp8Cache stores it) to fp16, exact for every finite code and
+// without FP8 hardware: a code's 4 exponent and 3 mantissa bits become a half's top exponent and mantissa bits,
+// which reads as the value times 2^-8 (exponent bias 15 against 7, subnormals included), and x 256 is exact.
+// The quantizer saturates at 448, so the NaN code never occurs. v holds two codes at bits 8-15 and 24-31.
+__device__ __forceinline__ __half2 e4m3x2_half2(unsigned v) {
+    const unsigned bits = (v & 0x80008000u) | ((v & 0x7f007f00u) >> 1);
+    const __half2 two8 = __halves2half2(__ushort_as_half(0x5c00), __ushort_as_half(0x5c00));  // 256
+    return __hmul2(*reinterpret_cast<const __half2*>(&bits), two8);
+}
+template <typename X> __device__ __forceinline__ unsigned e4m3x2(unsigned v);  // -> a packed X pair
+template <> __device__ __forceinline__ unsigned e4m3x2<half>(unsigned v) {
+    const __half2 h = e4m3x2_half2(v);
+    return *reinterpret_cast<const unsigned*>(&h);
+}
+template <> __device__ __forceinline__ unsigned e4m3x2<__nv_bfloat16>(unsigned v) {  // every E4M3 value is a bf16
+    const __nv_bfloat162 b = __float22bfloat162_rn(__half22float2(e4m3x2_half2(v)));
+    return *reinterpret_cast<const unsigned*>(&b);
+}
+// 16 codes (byte i = element i) -> elements 0-7 in lo, 8-15 in hi.
+template <typename X> __device__ __forceinline__ void e4m3x16(const uint4& in, uint4& lo, uint4& hi) {
+    // __byte_perm selectors 0x1404 / 0x3424 move bytes 0,1 / 2,3 of a word to bits 8-15 and 24-31.
+    lo = make_uint4(e4m3x2<X>(__byte_perm(in.x, 0, 0x1404)), e4m3x2<X>(__byte_perm(in.x, 0, 0x3424)),
+                    e4m3x2<X>(__byte_perm(in.y, 0, 0x1404)), e4m3x2<X>(__byte_perm(in.y, 0, 0x3424)));
+    hi = make_uint4(e4m3x2<X>(__byte_perm(in.z, 0, 0x1404)), e4m3x2<X>(__byte_perm(in.z, 0, 0x3424)),
+                    e4m3x2<X>(__byte_perm(in.w, 0, 0x1404)), e4m3x2<X>(__byte_perm(in.w, 0, 0x3424)));
+}
+// Rows of HEAD E4M3 codes, contiguous at `raw` (shared memory, as cp.async landed them), into the attention
+// kernels' swizzled X tile at `dst`: 16-byte chunk c of row r at byte (r * HEAD/8 + (c ^ (r & swz))) * 16.
+// Threads first, first + step, ... take the n16 16-code pieces.
+template <typename X, int HEAD>
+__device__ __forceinline__ void e4m3_tile(unsigned char* dst, const unsigned char* raw, int n16, int first, int step) {
+    constexpr int PIECES = HEAD / 16, CH = HEAD / 8, SW = (CH < 8 ? CH : 8) - 1;
+    for (int i = first; i < n16; i += step) {
+        const int row = i / PIECES, c = 2 * (i % PIECES);
+        uint4 lo, hi;
+        e4m3x16<X>(*reinterpret_cast<const uint4*>(raw + 16 * i), lo, hi);
+        *reinterpret_cast<uint4*>(dst + (row * CH + (c ^ (row & SW))) * 16) = lo;
+        *reinterpret_cast<uint4*>(dst + (row * CH + ((c + 1) ^ (row & SW))) * 16) = hi;
+    }
 }

@@ -1,6 +1,7 @@
 """Paged attention on the GPU (ops/cuda/attention.py) against the numpy oracle ops/reference.attention.
 
 Fresh random inputs per run (seed printed); stale cache slots, unused blocks and K/V columns are NaN.
+The FP8 cache (E4M3 codes, a scale per KV head) against the same oracle reading ops/quant.Fp8Cache.
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ try:
 except cp.cuda.runtime.CUDARuntimeError:
     pytest.skip("no CUDA device", allow_module_level=True)
 
-from ops import reference  # noqa: E402
+from ops import quant, reference  # noqa: E402
 from ops.cuda.attention import attention, reserve_decode_workspace  # noqa: E402
+from ops.jit import dtypes  # noqa: E402
 from ops.metadata import AttentionMetadata  # noqa: E402
 
 # Bound on |got - ref| <= atol + rtol * |ref|: P is rounded to the storage type before P.V, and
@@ -220,3 +222,57 @@ def test_rejects_bad_layout(rng):
     with pytest.raises(TypeError, match="int32"):
         meta.seq_lens = meta.seq_lens.astype(cp.int64)
         attention(case.qkv, case.k_cache, case.v_cache, meta, case.scale, case.out)
+
+
+class Fp8Case(Case):
+    """Case with the cache as E4M3 codes of its values over a random scale per KV head; NaN slots (stale, unused)
+    hold the NaN code 0x7f, which the kernels must never read."""
+
+    def __init__(self, rng, heads, dtype, spans):
+        super().__init__(rng, heads, dtype, spans)
+        self.scales = rng.uniform(0.01, 0.03, (2, self.hkv)).astype(np.float32)  # |value| < 4.4 fits 448 codes
+        self.codes = []
+        for cache, s in zip((self.k_host, self.v_host), self.scales):
+            values = to_float32(cache)
+            codes = dtypes.float32_to_e4m3_bits(np.nan_to_num(values) / s[None, :, None, None])
+            codes[np.isnan(values)] = 0x7F
+            self.codes.append(codes)
+        self.k_cache, self.v_cache = (cp.asarray(c) for c in self.codes)
+        self.k_scale, self.v_scale = (cp.asarray(s) for s in self.scales)
+
+    def reference(self) -> np.ndarray:
+        out = np.empty((self.qkv_host.shape[0], self.hq * self.d), np.float32)
+        k, v = (quant.Fp8Cache(c, s) for c, s in zip(self.codes, self.scales))
+        reference.attention(to_float32(self.qkv_host), k, v, self.meta(device=False), self.scale, out)
+        return out
+
+    def run(self, **sizing) -> np.ndarray:
+        self.out.fill(nan_of(self.dtype))
+        attention(self.qkv, self.k_cache, self.v_cache, self.meta(**sizing), self.scale, self.out,
+                  k_scale=self.k_scale, v_scale=self.v_scale)
+        return to_float32(cp.asnumpy(self.out))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("heads", [QWEN, LLAMA] + ODD_HEADS, ids=lambda h: "x".join(map(str, h)))
+def test_fp8_cache_decode(rng, heads, dtype):
+    case = Fp8Case(rng, heads, dtype, decode_spans(rng, 13, padding=1))
+    ref = case.reference()
+    check(case.run(), ref, dtype, f"fp8 cache decode {heads}")
+    check(case.run(max_seq_len=MAX_MODEL_LEN), ref, dtype, f"fp8 cache decode {heads}, graph-sized grid")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("heads", [QWEN, LLAMA] + ODD_HEADS, ids=lambda h: "x".join(map(str, h)))
+def test_fp8_cache_prefill(rng, heads, dtype):
+    case = Fp8Case(rng, heads, dtype, PREFILL_SPANS)
+    check(case.run(), case.reference(), dtype, f"fp8 cache prefill {heads}")
+
+
+def test_fp8_cache_needs_its_scales(rng):
+    case = Fp8Case(rng, QWEN, "float16", [(1, 20)])
+    with pytest.raises(ValueError, match="k_scale and v_scale"):
+        attention(case.qkv, case.k_cache, case.v_cache, case.meta(), case.scale, case.out)
+    with pytest.raises(TypeError, match=r"k_scale must be .*\[Hkv=4\]"):
+        attention(case.qkv, case.k_cache, case.v_cache, case.meta(), case.scale, case.out,
+                  k_scale=case.k_scale[:2], v_scale=case.v_scale)

@@ -1,6 +1,7 @@
 """FP8 on the GPU (issue #13): the generated quantizers against the interpreter, the cuBLASLt FP8 GEMM (outer-vector
 scales, and the float32 fallback) against numpy on the same E4M3 codes, inside a CUDA graph too, and the engine with
---quantization fp8 against the numpy backend's FP8 model and the GPU's own fp16 run."""
+--quantization fp8 against the numpy backend's FP8 model and the GPU's own fp16 run; --kv-cache-dtype fp8 (alone and
+with FP8 weights) against the numpy backend's FP8 cache, prefill and decode, graphs and prefix-cache hits included."""
 from __future__ import annotations
 
 import numpy as np
@@ -17,6 +18,8 @@ if not _DEVICES:
 from engine.config import EngineConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
+from engine.scheduler import SchedulerOutput, ScheduledSeq  # noqa: E402
+from engine.sequence import Sequence  # noqa: E402
 from ops import jit_ops, quant  # noqa: E402
 from ops.cuda import to_float32  # noqa: E402
 from ops.cuda.linear import Linear  # noqa: E402
@@ -148,3 +151,48 @@ def test_engine_fp8_against_numpy_fp8_and_gpu_fp16(checkpoint, rng):
     eager = LLMEngine(EngineConfig(device="cuda", dtype="float16", quantization="fp8", enforce_eager=True, **kw))
     assert [o.outputs[0].token_ids for o in gpu8.generate(prompts, params)] == \
         [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
+
+
+def _prefill_then_decode(engine, ids):
+    """Logits of the last token of `ids` computed by a decode step (one query row over the paged cache) after a
+    prefill of the others: each step through the runner, eagerly, so that both attention kernels run."""
+    seq = Sequence("probe", 0, ids, SamplingParams(), seed=0)
+    assert engine.block_manager.allocate(seq, len(ids))
+    runner, logits = engine.runner, None
+    for start, n in ((0, len(ids) - 1), (len(ids) - 1, 1)):
+        seq.num_computed_tokens = start + n
+        input_ids, positions, meta = runner.prepare(SchedulerOutput([ScheduledSeq(seq, start, n)]))
+        hidden = runner.model.forward(*runner.upload(input_ids, positions, meta), runner.kv_caches)
+        logits = runner.model.compute_logits(hidden[-1:])
+    engine.block_manager.free(seq)
+    return logits
+
+
+def _cosine(u, v):
+    return (u * v).sum(-1) / np.linalg.norm(u, axis=-1) / np.linalg.norm(v, axis=-1)
+
+
+@pytest.mark.parametrize("quantization", [None, "fp8"], ids=["fp16-weights", "fp8-weights"])
+def test_engine_fp8_kv_cache_against_numpy(checkpoint, rng, quantization):
+    """An E4M3 KV cache on the GPU (written by the rope/cache kernel, read by prefill and decode attention) computes
+    what the numpy backend's FP8 cache computes; graphs give what eager gives; a prefix-cache hit reads the cached
+    codes back to the same output."""
+    path, _ = checkpoint("qwen2_untied")
+    kw = dict(model=path, max_model_len=256, max_num_seqs=8, kv_cache_dtype="fp8", quantization=quantization)
+    gpu = LLMEngine(EngineConfig(device="cuda", dtype="float16", **kw))
+    assert gpu.runner.kv_cache.dtype == np.uint8 and gpu.runner.graphs is not None
+    cpu = LLMEngine(EngineConfig(device="numpy", **kw))
+    prefill, decode = [], []
+    for n in (5, 17, 40):
+        ids = rng.integers(0, VOCAB, n).tolist()
+        prefill += list(_cosine(to_float32(_all_logits(gpu, ids)), _all_logits(cpu, ids)))
+        decode += list(_cosine(to_float32(_prefill_then_decode(gpu, ids)), _prefill_then_decode(cpu, ids)))
+    print(f"fp8 KV cache ({quantization or 'fp16'} weights), GPU vs numpy cosine: prefill min {min(prefill):.5f}, "
+          f"decode min {min(decode):.5f}")
+    assert min(prefill) > 0.99 and min(decode) > 0.99
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in (3, 20, 7)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    graphs = [o.outputs[0].token_ids for o in gpu.generate(prompts, params)]
+    again = [o.outputs[0].token_ids for o in gpu.generate(prompts, params)]  # prompts' blocks now cached
+    eager = LLMEngine(EngineConfig(device="cuda", dtype="float16", enforce_eager=True, **kw))
+    assert graphs == again == [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
