@@ -57,6 +57,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", "-q", default=None, choices=("fp8",),
                    help="fp8: linear weights as E4M3 with per-channel scales, activations per token (sm_89+ GPUs, or numpy)")
     p.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1)
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, as vLLM takes it: {"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_max": 4, "prompt_lookup_min": 1}; "disable_by_batch_size": N turns it off in '
+                        'steps with more running sequences (default 8)')
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse KV blocks of shared prompt prefixes (default: on)")
     p.add_argument("--enforce-eager", action="store_true", help="never replay CUDA graphs")
@@ -117,6 +121,7 @@ def engine_config(args: argparse.Namespace):
     if args.enable_prefix_caching is not None:
         kw["enable_prefix_caching"] = args.enable_prefix_caching
     kw["async_scheduling"] = args.async_scheduling
+    kw["speculative_config"] = args.speculative_config
     for field, flag, neutral, why in OPTIONAL_FEATURES:
         value = getattr(args, field)
         if field in fields:

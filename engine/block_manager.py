@@ -58,7 +58,8 @@ class BlockManager:
 
     def allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
         """Give `seq` blocks for `num_new_tokens` more tokens, first adopting `cached_blocks` (a prefix
-        from find_cached_prefix, only for a sequence that holds no blocks). All or nothing."""
+        from find_cached_prefix, only for a sequence that holds no blocks). All or nothing. Blocks that
+        fill up are cached, except with speculative proposals (seq.num_spec) in them: those may be rejected."""
         bs = self.block_size
         if cached_blocks:
             assert not seq.block_table and seq.num_computed_tokens == 0
@@ -78,8 +79,21 @@ class BlockManager:
         for _ in range(need):
             seq.block_table.append(self._take_free_block())
         if self.enable_prefix_caching:
-            self._register_full_blocks(seq, computed, computed + num_new_tokens)
+            self._register_full_blocks(seq, computed, min(computed + num_new_tokens, seq.num_tokens - seq.num_spec))
         return True
+
+    def rollback(self, seq: Sequence, verified_from: int) -> None:
+        """After a verify step: positions verified_from .. num_computed_tokens - 1 hold accepted tokens (cache the
+        blocks they fill), positions past them rejected proposals, whose slots later steps overwrite; blocks
+        beyond what the sequence's tokens need go back."""
+        if self.enable_prefix_caching:
+            self._register_full_blocks(seq, verified_from, seq.num_computed_tokens)
+        keep = self.blocks_needed(seq.num_tokens)
+        for block_id in reversed(seq.block_table[keep:]):
+            self.ref_counts[block_id] -= 1  # never cached (proposals), so free for anyone
+            if self.ref_counts[block_id] == 0:
+                self.free_ids.append(block_id)
+        del seq.block_table[keep:]
 
     def _take_free_block(self) -> int:
         if self.free_ids:

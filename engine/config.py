@@ -205,6 +205,57 @@ class SchedulerConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
+SPEC_METHODS = ("ngram",)
+_SPEC_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size",
+              "model", "draft_layers"}
+
+
+@dataclass(slots=True)
+class SpeculativeConfig:
+    """vLLM's --speculative-config: {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_max": 4,
+    "prompt_lookup_min": 1}; disable_by_batch_size: no speculation in steps with more running sequences."""
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
+    disable_by_batch_size: int = 8
+
+    @classmethod
+    def parse(cls, raw) -> SpeculativeConfig | None:
+        """A dict, its JSON text, or None (no speculation)."""
+        if raw is None or isinstance(raw, SpeculativeConfig):
+            return raw
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"speculative_config is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"speculative_config must be a JSON object, got {type(raw).__name__}")
+        unknown = set(raw) - _SPEC_KEYS
+        if unknown:
+            raise ConfigError(f"speculative_config: unknown keys {sorted(unknown)}; known: {sorted(_SPEC_KEYS)}")
+        method = raw.get("method")
+        if method in ("draft_model", "self_draft"):
+            raise ConfigError(f"speculative_config method {method!r} is not implemented yet; "
+                              "method \"ngram\" (prompt lookup) is")
+        if method not in SPEC_METHODS:
+            raise ConfigError(f"speculative_config method must be one of {', '.join(SPEC_METHODS)}; got {method!r}")
+        k = raw.get("num_speculative_tokens")
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 16:
+            raise ConfigError(f"speculative_config num_speculative_tokens must be an integer in [1, 16]; got {k!r}")
+        hi, lo = raw.get("prompt_lookup_max", 4), raw.get("prompt_lookup_min", 1)
+        for name, v in (("prompt_lookup_max", hi), ("prompt_lookup_min", lo)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"speculative_config {name} must be a positive integer; got {v!r}")
+        if lo > hi:
+            raise ConfigError(f"speculative_config prompt_lookup_min ({lo}) is larger than prompt_lookup_max ({hi})")
+        by_batch = raw.get("disable_by_batch_size", 8)
+        if not isinstance(by_batch, int) or isinstance(by_batch, bool) or by_batch < 1:
+            raise ConfigError(f"speculative_config disable_by_batch_size must be a positive integer; got {by_batch!r}")
+        return cls(method, k, hi, lo, by_batch)
+
+
 @dataclass(slots=True)
 class EngineConfig:
     model: str = ""
@@ -225,6 +276,7 @@ class EngineConfig:
     skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks on config-only dirs)
     quantization: str | None = None  # "fp8": linear weights as E4M3 per output channel, activations per token
     kv_cache_dtype: str = "auto"  # "fp8" / "fp8_e4m3": K and V stored as E4M3 with a scale per KV head
+    speculative_config: SpeculativeConfig | dict | str | None = None  # vLLM's --speculative-config
     cache: CacheConfig = field(init=False)
     scheduler: SchedulerConfig = field(init=False)
 
@@ -241,5 +293,6 @@ class EngineConfig:
             raise ConfigError(f"kv_cache_dtype must be auto, fp8 or fp8_e4m3 (E4M3); got {self.kv_cache_dtype!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         self.cache = CacheConfig(num_blocks=self.num_kv_blocks, enable_prefix_caching=self.enable_prefix_caching)
         self.scheduler = SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len or 4096)

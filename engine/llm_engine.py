@@ -20,6 +20,7 @@ from engine.outputs import RequestOutput, SequenceOutputState
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
+from engine.spec_decode import AcceptanceGate, NgramProposer, SpecDecodeStats
 from engine.tokenizer import Tokenizer
 from ops.backend import get_backend
 from ops.sampling import DeferredSample, SamplingTensors
@@ -89,6 +90,16 @@ class LLMEngine:
         self._in_flight: _InFlight | None = None
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None \
             else self.runner.graphs is not None
+        self.spec = config.speculative_config
+        self.spec_stats = SpecDecodeStats()
+        if self.spec is not None:
+            s = self.spec
+            self.proposer = NgramProposer(s.num_speculative_tokens, s.prompt_lookup_max, s.prompt_lookup_min)
+            self.gate = AcceptanceGate()
+            self._steps = 0
+            if self.async_scheduling:  # a verify step needs the previous step's ids on the host to propose
+                logger.info("speculative decoding: one step ahead is off")
+            self.async_scheduling = False
         logger.info("engine ready in %.2f s: %s on %s, %d KV blocks (%d tokens), max_model_len %d, "
                     "decode graphs %s, one step ahead %s", time.perf_counter() - t0, mc.architecture,
                     self.backend.name, num_blocks, num_blocks * config.cache.block_size, self.max_model_len,
@@ -147,7 +158,11 @@ class LLMEngine:
         so the host's work overlaps the GPU's. A sequence that stops on that token has run one wasted row.
         """
         in_flight, self._in_flight = self._in_flight, None
+        if self.spec is not None:
+            self._propose()
         sched = self.scheduler.schedule()
+        if self.spec is not None:
+            self._drop_unscheduled_proposals(sched)
         touched: dict[str, Request] = {}
         if in_flight is not None and (sched.is_empty or not self.runner.one_step_ahead(sched)):
             self._land(in_flight, touched)  # this step needs the ids on the host
@@ -187,11 +202,74 @@ class LLMEngine:
             raise self._fail_step(in_flight.sched, e) from e
 
     def _append_all(self, seqs: list[Sequence], sampled, touched: dict[str, Request]) -> None:
-        for row, seq in enumerate(seqs):
+        row = 0
+        for seq in seqs:
+            first, row = row, row + seq.num_spec + 1  # a sequence with K proposals has K + 1 rows
             if seq.is_finished:  # stopped by the step before (one step ahead), or aborted
                 continue
-            self._append_token(seq, sampled, row)
+            if seq.num_spec:
+                self._verify(seq, sampled, first)
+            else:
+                self._append_token(seq, sampled, first)
             touched[seq.request_id] = self.requests[seq.request_id]
+
+    # speculative decoding (engine/spec_decode.py says why drawing and comparing is the rejection rule)
+    def _propose(self) -> None:
+        """Proposals for the running sequences in plain decode, when the batch is small enough to gain."""
+        spec, running = self.spec, self.scheduler.running
+        self._steps += 1
+        if not running or len(running) > spec.disable_by_batch_size:
+            return
+        t0 = time.perf_counter()
+        # The running sequences are scheduled first and whole while the budget lasts: keep every proposal inside
+        # it, so that no step computes a proposal without the rows that verify it.
+        room = self.config.scheduler.max_num_batched_tokens - sum(s.num_tokens - s.num_computed_tokens for s in running)
+        for seq in running:
+            if seq.num_computed_tokens != seq.num_tokens - 1 or seq.pending_row >= 0 \
+                    or not self.gate.allows(seq.seq_id, self._steps):
+                continue
+            k = min(spec.num_speculative_tokens, self.max_model_len - seq.num_tokens - 1, room)
+            if seq.params.max_tokens is not None:
+                k = min(k, seq.params.max_tokens - seq.num_output_tokens - 1)
+            proposal = self.proposer.propose(seq.token_ids, k) if k > 0 else []
+            if proposal:
+                seq.token_ids.extend(proposal)
+                seq.num_spec = len(proposal)
+                room -= len(proposal)
+        self.spec_stats.draft_seconds += time.perf_counter() - t0
+
+    def _drop_unscheduled_proposals(self, sched: SchedulerOutput) -> None:
+        """Preempted sequences start over without their proposals (no step ever computes them partly: proposals
+        are made only where the whole batch's fit the token budget)."""
+        verified = {id(s.seq) for s in sched.scheduled if s.samples}
+        for seq in (*sched.preempted, *self.scheduler.running):
+            if seq.num_spec and id(seq) not in verified:
+                assert seq.num_computed_tokens < seq.num_tokens - seq.num_spec, "proposals partly scheduled"
+                del seq.token_ids[-seq.num_spec:]
+                seq.num_spec = 0
+
+    def _verify(self, seq: Sequence, sampled, first: int) -> None:
+        """Rows first .. first + K of `sampled` drew the tokens of the positions of seq's K proposals and the one
+        after: keep the proposals up to the first that differs from its position's draw, emit the draws up to
+        there (the last one a correction, or the bonus when all K matched), and roll the cache back."""
+        k = seq.num_spec
+        proposals = seq.token_ids[-k:]
+        del seq.token_ids[-k:]
+        seq.num_spec = 0
+        verified_from = seq.num_tokens  # positions from here held proposals in this step's forward
+        accepted = 0
+        for j in range(k + 1):
+            token = int(sampled.token_ids[first + j])
+            self._append_token(seq, sampled, first + j)
+            match = j < k and token == proposals[j]
+            accepted += match
+            if seq.is_finished or not match:
+                break
+        self.spec_stats.record(k, accepted)
+        self.gate.update(seq.seq_id, self._steps, k, accepted)
+        if not seq.is_finished:
+            seq.num_computed_tokens = seq.num_tokens - 1  # the last draw's K/V is not in the cache yet
+            self.block_manager.rollback(seq, verified_from)
 
     def _add_placeholder(self, seq: Sequence, row: int) -> None:
         """A token for `seq` is in flight: hold its place so the next step can be scheduled, unless the
@@ -216,13 +294,18 @@ class LLMEngine:
         return EngineStepError(request_ids, cause)
 
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
+        """A row per sampled position: a sequence with K proposals has K + 1, row j seeing the first j proposals
+        as output (penalty history, min_tokens, the sampler's step counter), as it would without speculation."""
         rows = []
         for seq in seqs:
             p = seq.params
-            banned = ()
-            if seq.num_output_tokens < p.min_tokens:
-                banned = tuple(p.stop_token_ids or ()) + (() if p.ignore_eos else tuple(self.eos_token_ids))
-            rows.append((p, seq.prompt_token_ids, seq.output_token_ids, seq.seed, banned))
+            end = seq.num_tokens - seq.num_spec
+            for j in range(seq.num_spec + 1):
+                outputs = seq.token_ids[seq.num_prompt_tokens:end + j]
+                banned = ()
+                if len(outputs) < p.min_tokens:
+                    banned = tuple(p.stop_token_ids or ()) + (() if p.ignore_eos else tuple(self.eos_token_ids))
+                rows.append((p, seq.prompt_token_ids, outputs, seq.seed, banned))
         return SamplingTensors.build(rows, self.model_config.vocab_size)
 
     def _append_token(self, seq: Sequence, sampled, row: int) -> None:

@@ -127,7 +127,8 @@ class ModelRunner:
 
     def execute(self, sched: SchedulerOutput, sampling: SamplingTensors | None, defer: bool = False
                 ) -> SamplerOutput | DeferredSample | None:
-        """Run one step. Returns sampled tokens for the sequences whose `samples` is true, in order.
+        """Run one step. Returns sampled tokens for the sequences whose `samples` is true, in order: one row each,
+        or with speculative proposals (seq.num_spec = K) K + 1 rows, the positions of its last K + 1 tokens.
 
         A sequence with `pending_row` >= 0 has a placeholder as its last token: its id is row pending_row
         of the previous step's sample, which must have been deferred (one_step_ahead(sched) is true).
@@ -145,7 +146,8 @@ class ModelRunner:
                 raise RuntimeError("a placeholder token outside a decode step that follows a deferred one")
             input_ids = np.where(src >= 0, self._last_sampled[np.maximum(src, 0)], input_ids).astype(np.int32)
         hidden = self.model.forward(*self.upload(input_ids, positions, meta), self.kv_caches)
-        rows = [int(meta.query_start_loc[i + 1]) - 1 for i, s in enumerate(sched.scheduled) if s.samples]
+        rows = [int(meta.query_start_loc[i + 1]) - s.num_sampled_rows + j
+                for i, s in enumerate(sched.scheduled) for j in range(s.num_sampled_rows)]
         if not rows:
             return None
         out = b.sample(self.model.compute_logits(hidden[b.from_host(np.asarray(rows, np.int32))]), sampling)

@@ -24,6 +24,11 @@ class ScheduledSeq:
         """True when this step reaches the end of the sequence, so its last row yields a token."""
         return self.start + self.num_tokens == self.seq.num_tokens
 
+    @property
+    def num_sampled_rows(self) -> int:
+        """Rows that yield a token: the last one, and with speculative proposals one per proposal before it."""
+        return self.seq.num_spec + 1 if self.samples else 0
+
 
 @dataclass(slots=True)
 class SchedulerOutput:

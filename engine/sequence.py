@@ -23,7 +23,8 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     __slots__ = ("seq_id", "request_id", "index", "token_ids", "num_prompt_tokens", "params", "seed",
                  "arrival_time", "status", "num_computed_tokens", "num_cached_tokens", "block_table",
-                 "block_hashes", "finish_reason", "stop_reason", "logprobs", "first_token_time", "pending_row")
+                 "block_hashes", "finish_reason", "stop_reason", "logprobs", "first_token_time", "pending_row",
+                 "num_spec")
 
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
                  seed: int, arrival_time: float | None = None):
@@ -47,6 +48,8 @@ class Sequence:
         # >= 0 while the last token is a placeholder: its id is that row of a launched step's sample, not
         # yet on the host (the engine schedules one step ahead; see LLMEngine.step)
         self.pending_row = -1
+        # the last num_spec tokens are proposals (speculative decoding) the next step verifies, not output yet
+        self.num_spec = 0
 
     @property
     def num_tokens(self) -> int:

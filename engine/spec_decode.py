@@ -1,0 +1,101 @@
+"""Speculative decoding: proposers, the acceptance rule, and its counters.
+
+A proposal is a list of K token ids the sequence may continue with. The engine appends them to the sequence's
+tokens, the scheduler runs all K + 1 positions in one target forward (the small-query path over the paged cache),
+and every position is sampled with the sequence's own sampler state: position j with the output so far plus the
+first j proposals as penalty history, and step counter (tokens generated) + j.
+
+The rule. Proposals are single tokens (point masses q = 1 at d_j): n-gram lookup is one, and draft models propose
+their argmax. For such q the standard rule (accept d_j with probability min(1, p(d_j) / q(d_j)) = p(d_j); on
+rejection draw from the residual max(0, p - q), normalised) is the same as: draw t_j from p as the plain sampler
+would, accept d_j exactly when t_j == d_j, and on rejection emit t_j. P(t_j = d_j) = p(d_j), and t_j conditioned
+on t_j != d_j is p restricted to the other tokens, renormalised: the residual. The first rejected position
+emits its t_j; when all K are accepted, position K's draw is the bonus token.
+
+Because the sampler is counter-based (a Philox stream keyed by the request seed and the step), each t_j is the
+very token the same request would draw without speculation at that step, given the same prefix. So output with
+speculation is not just distributed as the target's: it is identical, greedy or seeded, logprobs included.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class NgramProposer:
+    """Prompt lookup (vLLM's method "ngram"): find the latest earlier occurrence of the sequence's last n tokens
+    (n from prompt_lookup_max down to prompt_lookup_min) and propose the tokens that followed it."""
+
+    def __init__(self, num_speculative_tokens: int, prompt_lookup_max: int, prompt_lookup_min: int):
+        self.k, self.n_max, self.n_min = num_speculative_tokens, prompt_lookup_max, prompt_lookup_min
+
+    def propose(self, token_ids: list[int], k: int | None = None) -> list[int]:
+        k = self.k if k is None else k
+        length = len(token_ids)
+        if k <= 0 or length < self.n_min + 1:
+            return []
+        tokens = np.asarray(token_ids, np.int64)
+        for n in range(min(self.n_max, length - 1), self.n_min - 1, -1):
+            tail = tokens[length - n:]
+            # windows starting at 0 .. length - n - 1: every earlier n-gram, the tail itself excluded
+            windows = np.lib.stride_tricks.sliding_window_view(tokens[:length - 1], n)
+            hits = np.flatnonzero((windows == tail).all(axis=1))
+            if hits.size:
+                start = int(hits[-1]) + n  # the latest match: the freshest continuation
+                return token_ids[start:start + k]
+        return []
+
+
+@dataclass(slots=True)
+class SpecDecodeStats:
+    """vLLM's spec-decode counters: drafts (proposals verified), draft tokens, accepted tokens, and accepted
+    tokens per position (index j: proposals whose j-th token was accepted)."""
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+
+    def record(self, proposed: int, accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += proposed
+        self.num_accepted_tokens += accepted
+        if len(self.accepted_per_pos) < proposed:
+            self.accepted_per_pos += [0] * (proposed - len(self.accepted_per_pos))
+        for j in range(accepted):
+            self.accepted_per_pos[j] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens a verify step emits per sequence on average: the accepted proposals plus the one drawn."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+
+class AcceptanceGate:
+    """Turns speculation off for a sequence whose proposals keep failing: an exponential average of its
+    acceptance rate; below `floor` the sequence decodes plainly for `pause` steps, then tries again."""
+
+    def __init__(self, floor: float = 0.2, weight: float = 0.3, pause: int = 32):
+        self.floor, self.weight, self.pause = floor, weight, pause
+        self.rate: dict[int, float] = {}
+        self.paused_until: dict[int, int] = {}
+
+    def allows(self, seq_id: int, step: int) -> bool:
+        return self.paused_until.get(seq_id, -1) <= step
+
+    def update(self, seq_id: int, step: int, proposed: int, accepted: int) -> None:
+        rate = self.rate.get(seq_id, 1.0) * (1 - self.weight) + self.weight * accepted / proposed
+        self.rate[seq_id] = rate
+        if rate < self.floor:
+            self.paused_until[seq_id] = step + self.pause
+            self.rate[seq_id] = self.floor  # a fresh try after the pause gets a few chances
+
+    def forget(self, seq_id: int) -> None:
+        self.rate.pop(seq_id, None)
+        self.paused_until.pop(seq_id, None)
