@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "fp8_e4m3"))
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each decode step before the last one's tokens reach the host (default: with graphs)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length the engine is built for (default: input + output + 16); larger sizes the "
+                        "KV cache from memory instead of the 4-sequences-per-slot cap")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="append one JSON line per N to this file")
     p.add_argument("--no-history", action="store_true", help="do not append to perf/history.jsonl")
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     engine = LLMEngine(EngineConfig(
         model=args.model, dtype=args.dtype, device=args.device, seed=args.seed, load_format=args.load_format,
-        max_num_seqs=max(ns), max_model_len=args.input_len + args.output_len + 16,
+        max_num_seqs=max(ns), max_model_len=args.max_model_len or args.input_len + args.output_len + 16,
         max_num_batched_tokens=max(8192, max(ns) * args.input_len), enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
         skip_tokenizer_init=bool(args.model) and not has_tokenizer))

@@ -77,9 +77,22 @@ if [[ $what == fp8 ]]; then
     /usr/local/cuda/include/library_types.h 2>&1 | head -20 | tee -a "$OUT/env.txt"
   timeout 60 python3 -m pytest -q tests/test_cublaslt_cpu.py 2>&1 | tail -3 | tee -a "$OUT/env.txt"
   echo "== tests/gpu/test_fp8_gpu.py, the FP8-cache attention tests"
-  timeout 200 python3 -m pytest -q -rs -s tests/gpu/test_fp8_gpu.py tests/gpu/test_attention.py -k "fp8 or Fp8" 2>&1 \
-    | tail -40 | tee "$OUT/fp8_tests.log"
-  status=${PIPESTATUS[0]}
+  timeout 200 python3 -m pytest -q -rfEs -s --tb=short tests/gpu/test_fp8_gpu.py tests/gpu/test_attention.py \
+    -k "fp8 or Fp8" > "$OUT/fp8_tests.log" 2>&1
+  status=$?
+  grep -E "^(FAILED|ERROR|SKIPPED)|cosine|passed|failed" "$OUT/fp8_tests.log" | tail -40
+  echo "== KV blocks at a 32K context: fp16, then fp8"
+  for kv in auto fp8; do
+    timeout 60 python3 -m api.cli benchmark $ENGINE_ARGS --kv-cache-dtype $kv --max-model-len 32768 --n 1 \
+      --output-len 8 --no-history 2>&1 | grep -E "KV blocks|memory:" | tee -a "$OUT/engine.log"
+  done
+  if [[ ${FP8_QUICK:-0} == 1 ]]; then  # then the W8A16 GEMV, and the JIT kernels against the hand ones (#12)
+    timeout 120 python3 -m pytest -q -rfE --tb=short tests/gpu/test_gemv_fp8.py 2>&1 | tail -15 | tee "$OUT/gemv.log"
+    timeout 150 python3 perf/gpu_gemv_fp8.py --json "$OUT/kernels.jsonl" 2>&1 | tail -22 | tee -a "$OUT/gemv.log"
+    timeout 120 python3 perf/gpu_kernels.py --impl jit,hand --tokens 1,64,256 --json "$OUT/kernels.jsonl" 2>&1 \
+      | tail -40 | tee "$OUT/kernels.log"
+    exit $status
+  fi
   echo "== fp8 quality on the 7B shape (dummy weights), and weight bytes"
   timeout 90 python3 perf/fp8_quality.py perf/configs/qwen2.5-7b --json "$OUT/engine.jsonl" 2>&1 | tail -5 \
     | tee "$OUT/engine.log"
