@@ -34,6 +34,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context length the engine is built for (default: input + output + 16); larger sizes the "
                         "KV cache from memory instead of the 4-sequences-per-slot cap")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help="with --spec-acceptance: the K to measure, e.g. '{\"method\": \"ngram\", "
+                        "\"num_speculative_tokens\": 4}'")
+    p.add_argument("--spec-acceptance", default=None, metavar="A,B,...",
+                   help="speculation with dummy weights: per N, a plain greedy run, then one per acceptance rate a "
+                        "with a proposer offering the plain run's own next tokens with probability a (else a wrong "
+                        "one), same prompts; prints tok/s against the plain run's")
+    p.add_argument("--spec-gate", default="on", choices=("on", "off"),
+                   help="off: speculate every step whatever the acceptance (the verify step's cost curve)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="append one JSON line per N to this file")
     p.add_argument("--no-history", action="store_true", help="do not append to perf/history.jsonl")
@@ -58,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
     rng = np.random.default_rng(args.seed)
     vocab = engine.model_config.vocab_size
     rows, cold_start = [], None
+    if args.spec_acceptance is not None:
+        rows = speculation_rows(engine, args, ns, rng, vocab)
+        record(rows, args, engine)
+        return 0
     for n in ns:
         warm = measure(engine, rng, vocab, n, args.input_len, 8)  # warm-up: same shapes, few tokens
         if cold_start is None and (started := process_start_epoch()) is not None:
@@ -112,14 +125,57 @@ def resource_figures(engine, cold_start: float | None) -> dict:
     return out
 
 
-def measure(engine, rng, vocab: int, n: int, input_len: int, output_len: int) -> dict:
+def speculation_rows(engine, args, ns, rng, vocab) -> list[dict]:
+    """Per N: a plain greedy run, then the same prompts with an OracleProposer at each acceptance rate."""
+    from engine.config import SpeculativeConfig
+    from engine.spec_decode import AcceptanceGate, OracleProposer
+
+    spec = SpeculativeConfig.parse(args.speculative_config or '{"method": "ngram", "num_speculative_tokens": 4}')
+    spec.disable_by_batch_size = max(ns)  # measured at every N asked for
+    rates = [float(a) for a in args.spec_acceptance.split(",")]
+    rows = []
+    print(f"speculation, K = {spec.num_speculative_tokens}, gate {args.spec_gate}")
+    for n in ns:
+        prompts = [rng.integers(0, vocab, args.input_len).tolist() for _ in range(n)]
+        measure(engine, rng, vocab, n, args.input_len, 8, prompts)  # warm-up
+        outputs: dict = {}
+        plain = measure(engine, rng, vocab, n, args.input_len, args.output_len, prompts, outputs)
+        plain.update(n=n, acceptance_target=None, k=0)
+        rows.append(plain)
+        print(f"N={n:<4} plain      {plain['tok_s']:>9.1f} tok/s  step p50 {plain['step_ms_p50']:.2f} ms")
+        for a in rates:
+            oracle = OracleProposer(outputs, args.input_len, a, vocab, seed=args.seed)
+            engine.enable_speculation(spec, oracle, AcceptanceGate(enabled=args.spec_gate == "on"))
+            try:
+                r = measure(engine, rng, vocab, n, args.input_len, args.output_len, prompts)
+            finally:
+                stats = engine.spec_stats
+                engine.enable_speculation(None)
+            r.update(n=n, acceptance_target=a, k=spec.num_speculative_tokens, spec_gate=args.spec_gate,
+                     acceptance_rate=round(stats.acceptance_rate, 4), drafts=stats.num_drafts,
+                     mean_accepted_length=round(stats.mean_accepted_length, 3),
+                     speedup=round(r["tok_s"] / plain["tok_s"], 3))
+            rows.append(r)
+            print(f"N={n:<4} a={a:<5}    {r['tok_s']:>9.1f} tok/s  step p50 {r['step_ms_p50']:.2f} ms  x{r['speedup']:.2f}"
+                  f"  accepted {r['acceptance_rate']:.2f}, {r['mean_accepted_length']:.2f} tokens a verify, "
+                  f"{r['drafts']} verifies")
+    for r in rows:
+        r.update(input_len=args.input_len, output_len=args.output_len)
+    return rows
+
+
+def measure(engine, rng, vocab: int, n: int, input_len: int, output_len: int, prompts=None,
+            outputs: dict | None = None) -> dict:
+    """Greedy generation of n requests (random prompts unless given); `outputs` collects prompt -> output ids."""
     from engine.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     start = time.perf_counter()
     first_token: dict[str, float] = {}
-    for i in range(n):
-        engine.add_request(f"bench-{n}-{output_len}-{i}", rng.integers(0, vocab, input_len).tolist(), params)
+    prompts = prompts or [rng.integers(0, vocab, input_len).tolist() for _ in range(n)]
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"bench-{n}-{output_len}-{i}", prompt, params)
+    by_id = {f"bench-{n}-{output_len}-{i}": tuple(p) for i, p in enumerate(prompts)}
     steps, tokens, first_epoch = [], 0, None
     while engine.has_unfinished_requests():
         t = time.perf_counter()
@@ -130,6 +186,8 @@ def measure(engine, rng, vocab: int, n: int, input_len: int, output_len: int) ->
         for out in outs:
             tokens += sum(len(o.token_ids) for o in out.outputs)
             first_token.setdefault(out.request_id, now)
+            if outputs is not None:
+                outputs.setdefault(by_id[out.request_id], []).extend(out.outputs[0].token_ids)
         if len(first_token) == n:  # every request has its first token: from here, decode steps only
             steps.append(now - t)
     wall = time.perf_counter() - start
@@ -151,7 +209,8 @@ def print_table(rows: list[dict]) -> None:
 def record(rows: list[dict], args: argparse.Namespace, engine) -> None:
     card = engine.backend.device_name() if engine.backend.name == "cuda" else "cpu"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    base = dict(bench="engine_benchmark", date=datetime.date.today().isoformat(),
+    base = dict(bench="spec_benchmark" if args.spec_acceptance is not None else "engine_benchmark",
+                date=datetime.date.today().isoformat(),
                 commit=commit or "unknown (no git here)", card=card,
                 model=os.path.basename(os.path.normpath(args.model)) if args.model else "demo",
                 dtype=engine.backend.dtype_name, quantization=args.quantization or "none",
@@ -159,7 +218,9 @@ def record(rows: list[dict], args: argparse.Namespace, engine) -> None:
                 command="cupyllm benchmark " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                        if k in ("model", "load_format", "n", "input_len",
                                                                 "output_len", "dtype", "quantization") and v)
-                + (f" --kv-cache-dtype {args.kv_cache_dtype}" if args.kv_cache_dtype != "auto" else ""))
+                + (f" --kv-cache-dtype {args.kv_cache_dtype}" if args.kv_cache_dtype != "auto" else "")
+                + (f" --speculative-config '{args.speculative_config}' --spec-acceptance {args.spec_acceptance}"
+                   f" --spec-gate {args.spec_gate}" if args.spec_acceptance is not None else ""))
     lines = [json.dumps({**base, **r}, sort_keys=True) + "\n" for r in rows]
     targets = ([args.json] if args.json else []) + ([] if args.no_history else [str(HISTORY)])
     for path in targets:

@@ -90,16 +90,9 @@ class LLMEngine:
         self._in_flight: _InFlight | None = None
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None \
             else self.runner.graphs is not None
-        self.spec = config.speculative_config
-        self.spec_stats = SpecDecodeStats()
-        if self.spec is not None:
-            s = self.spec
-            self.proposer = NgramProposer(s.num_speculative_tokens, s.prompt_lookup_max, s.prompt_lookup_min)
-            self.gate = AcceptanceGate()
-            self._steps = 0
-            if self.async_scheduling:  # a verify step needs the previous step's ids on the host to propose
-                logger.info("speculative decoding: one step ahead is off")
-            self.async_scheduling = False
+        self._plain_async = self.async_scheduling
+        self.spec = None
+        self.enable_speculation(config.speculative_config)
         logger.info("engine ready in %.2f s: %s on %s, %d KV blocks (%d tokens), max_model_len %d, "
                     "decode graphs %s, one step ahead %s", time.perf_counter() - t0, mc.architecture,
                     self.backend.name, num_blocks, num_blocks * config.cache.block_size, self.max_model_len,
@@ -214,6 +207,20 @@ class LLMEngine:
             touched[seq.request_id] = self.requests[seq.request_id]
 
     # speculative decoding (engine/spec_decode.py says why drawing and comparing is the rejection rule)
+    def enable_speculation(self, spec, proposer=None, gate: AcceptanceGate | None = None) -> None:
+        """Speculate from the next step on with `spec` (a SpeculativeConfig; None: stop); `proposer` replaces the
+        config's (the benchmark's OracleProposer). Counters start over."""
+        self.spec, self.spec_stats, self._steps = spec, SpecDecodeStats(), 0
+        if spec is None:
+            self.async_scheduling = self._plain_async
+            return
+        self.proposer = proposer or NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_max,
+                                                  spec.prompt_lookup_min)
+        self.gate = gate or AcceptanceGate()
+        if self.async_scheduling:  # a verify step needs the previous step's ids on the host to propose
+            logger.info("speculative decoding: one step ahead is off")
+        self.async_scheduling = False
+
     def _propose(self) -> None:
         """Proposals for the running sequences in plain decode, when the batch is small enough to gain."""
         spec, running = self.spec, self.scheduler.running

@@ -77,17 +77,36 @@ class SpecDecodeStats:
         return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
 
+class OracleProposer:
+    """For measuring speculation where dummy weights make real proposals meaningless (`cupyllm benchmark
+    --spec-acceptance`): knows each prompt's greedy continuation from a plain run and offers its true next
+    tokens, each with probability `acceptance`, else a wrong one (the true id + 1)."""
+
+    def __init__(self, continuations: dict[tuple, list[int]], prompt_len: int, acceptance: float, vocab: int,
+                 seed: int = 0):
+        self.continuations, self.prompt_len, self.acceptance, self.vocab = continuations, prompt_len, acceptance, vocab
+        self.rng = np.random.default_rng(seed)
+
+    def propose(self, token_ids: list[int], k: int) -> list[int]:
+        truth = self.continuations.get(tuple(token_ids[:self.prompt_len]), [])
+        done = len(token_ids) - self.prompt_len
+        true = truth[done:done + k]
+        hit = self.rng.random(len(true)) < self.acceptance
+        return [t if h else (t + 1) % self.vocab for t, h in zip(true, hit)]
+
+
 class AcceptanceGate:
     """Turns speculation off for a sequence whose proposals keep failing: an exponential average of its
     acceptance rate; below `floor` the sequence decodes plainly for `pause` steps, then tries again."""
 
-    def __init__(self, floor: float = 0.2, weight: float = 0.3, pause: int = 32):
+    def __init__(self, floor: float = 0.2, weight: float = 0.3, pause: int = 32, enabled: bool = True):
+        self.enabled = enabled  # off: always speculate (the benchmark's cost curve)
         self.floor, self.weight, self.pause = floor, weight, pause
         self.rate: dict[int, float] = {}
         self.paused_until: dict[int, int] = {}
 
     def allows(self, seq_id: int, step: int) -> bool:
-        return self.paused_until.get(seq_id, -1) <= step
+        return not self.enabled or self.paused_until.get(seq_id, -1) <= step
 
     def update(self, seq_id: int, step: int, proposed: int, accepted: int) -> None:
         rate = self.rate.get(seq_id, 1.0) * (1 - self.weight) + self.weight * accepted / proposed

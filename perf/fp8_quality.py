@@ -70,7 +70,7 @@ def main() -> int:
                   cosine_min=round(float(cos.min()), 5), cosine_mean=round(float(cos.mean()), 5),
                   cosine_p1=round(float(np.percentile(cos, 1)), 5), argmax_agreement=round(agree, 4),
                   weight_bytes_fp16=int(before), weight_bytes_fp8=int(after),
-                  weights_gib_fp16=round(before / 2**30, 3), weights_gib_fp8=round(after / 2**30, 3),
+                  fp16_weights_gib=round(before / 2**30, 3), fp8_weights_gib=round(after / 2**30, 3),
                   seconds=round(time.perf_counter() - t0, 1))
     print(f"{card}: {cos.size} positions, cosine min {cos.min():.5f} p1 {np.percentile(cos, 1):.5f} mean "
           f"{cos.mean():.5f}; teacher-forced argmax agreement {agree:.1%}; weights {before / 2**30:.2f} GiB fp16 -> "

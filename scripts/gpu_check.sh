@@ -71,6 +71,20 @@ if [[ $what == jit ]]; then
   status=${PIPESTATUS[0]}
 fi
 
+# Issue #14 on the 7B shape: tok/s with an acceptance-controlled proposer (K = 4) against plain decoding, then the
+# verify step's cost curve (K = 1..8, every step verified, nothing accepted) -> $OUT/spec.{jsonl,log}
+spec() {
+  local args="--model perf/configs/qwen2.5-7b --load-format dummy --dtype float16 --input-len 32 --output-len 256"
+  timeout 100 python3 -m api.cli benchmark $args --n 1,16,64 --spec-acceptance 0,0.5,0.7,0.8,0.9 \
+    --speculative-config '{"method": "ngram", "num_speculative_tokens": 4}' --json "$OUT/spec.jsonl" 2>&1 \
+    | grep -E "^N=|speculation" | tee "$OUT/spec.log"
+  for k in 1 2 4 8; do
+    timeout 60 python3 -m api.cli benchmark $args --output-len 64 --n 1,16,64 --spec-acceptance 0 --spec-gate off \
+      --speculative-config "{\"method\": \"ngram\", \"num_speculative_tokens\": $k}" --json "$OUT/spec.jsonl" 2>&1 \
+      | grep -E "^N=|speculation" | tee -a "$OUT/spec.log"
+  done
+}
+
 if [[ $what == fp8 ]]; then
   ENGINE_ARGS="--model perf/configs/qwen2.5-7b --load-format dummy --dtype float16 --input-len 32 --output-len 512"
   grep -nE "SCALE_MODE|SCALE_POINTER|OUTER_VEC|CUDA_R_8F_E4M3" /usr/local/cuda/include/cublasLt.h \
@@ -89,6 +103,7 @@ if [[ $what == fp8 ]]; then
   if [[ ${FP8_QUICK:-0} == 1 ]]; then  # then the W8A16 GEMV, and the JIT kernels against the hand ones (#12)
     timeout 120 python3 -m pytest -q -rfE --tb=short tests/gpu/test_gemv_fp8.py 2>&1 | tail -15 | tee "$OUT/gemv.log"
     timeout 150 python3 perf/gpu_gemv_fp8.py --json "$OUT/kernels.jsonl" 2>&1 | tail -22 | tee -a "$OUT/gemv.log"
+    spec
     timeout 120 python3 perf/gpu_kernels.py --impl jit,hand --tokens 1,64,256 --json "$OUT/kernels.jsonl" 2>&1 \
       | tail -40 | tee "$OUT/kernels.log"
     exit $status
