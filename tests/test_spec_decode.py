@@ -77,23 +77,61 @@ def assert_same_outputs(got, want):
             np.testing.assert_allclose([lp] + [v for _, v in top], [wlp] + [v for _, v in wtop], atol=1e-4)
 
 
-@pytest.mark.parametrize("params", [
+PARAMS = [
     SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
     SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=7, max_tokens=40, ignore_eos=True, logprobs=2),
     SamplingParams(temperature=0.8, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2, seed=3,
                    min_p=0.02, max_tokens=40, ignore_eos=True, min_tokens=5),
-], ids=["greedy", "seeded-top-k-p-logprobs", "seeded-penalties"])
-def test_output_identical_with_and_without_speculation(checkpoint, rng, params):
+]
+PARAM_IDS = ["greedy", "seeded-top-k-p-logprobs", "seeded-penalties"]
+
+
+def _no_leaks(engine):
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks  # every block back: rejected proposals leaked none
+    assert all(c == 0 for c in bm.ref_counts)
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=PARAM_IDS)
+def test_output_identical_with_and_without_ngram_speculation(checkpoint, rng, params):
     path, _ = checkpoint("qwen2_untied")
     plain, spec = _engines(path)
     prompts = _prompts(rng)
     assert_same_outputs(_outputs(spec, prompts, params), _outputs(plain, prompts, params))
     stats = spec.spec_stats
     print(f"{stats.num_drafts} drafts, {stats.num_draft_tokens} tokens, acceptance {stats.acceptance_rate:.2f}")
-    assert stats.num_drafts > 0
-    bm = spec.block_manager
-    assert bm.num_free_blocks == bm.num_blocks  # every block back: rejected proposals leaked none
-    assert all(c == 0 for c in bm.ref_counts)
+    _no_leaks(spec)
+
+
+class KnownContinuation:
+    """Offers each prompt's known continuation, each token right with probability `rate` (else off by one):
+    drafts every step, some accepted, some rejected, at every position."""
+
+    def __init__(self, outputs: dict, rate: float, seed: int):
+        self.outputs, self.rate, self.rng = outputs, rate, np.random.default_rng(seed)
+
+    def propose(self, token_ids, k=None):
+        for prompt, continuation in self.outputs.items():
+            if tuple(token_ids[:len(prompt)]) == prompt:
+                true = continuation[len(token_ids) - len(prompt):][:k]
+                return [t if self.rng.random() < self.rate else (t + 1) % VOCAB for t in true]
+        return []
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=PARAM_IDS)
+def test_output_identical_when_proposals_are_partly_right(checkpoint, rng, params):
+    """Every step verifies 4 proposals, 60% of them right: penalties, min_tokens, top-k/p, seeds and logprobs mean
+    what they mean without speculation."""
+    path, _ = checkpoint("qwen2_untied")
+    plain, spec = _engines(path)
+    prompts = _prompts(rng)
+    want = _outputs(plain, prompts, params)
+    spec.proposer = KnownContinuation({tuple(p): w[0] for p, w in zip(prompts, want)}, 0.6, int(rng.integers(1000)))
+    assert_same_outputs(_outputs(spec, prompts, params), want)
+    stats = spec.spec_stats
+    print(f"{stats.num_drafts} drafts, acceptance {stats.acceptance_rate:.2f}, per position {stats.accepted_per_pos}")
+    assert stats.num_drafts > 10 and 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    _no_leaks(spec)
 
 
 def test_accepted_proposals_emit_several_tokens_a_step(checkpoint):
