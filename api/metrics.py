@@ -37,6 +37,7 @@ class EngineStats:
     waiting: int = 0
     kv_usage: float = 0.0  # fraction of KV blocks held by live sequences
     preemptions: int = 0
+    spec: object | None = None  # engine/spec_decode.SpecDecodeStats while speculation is configured
 
 
 def engine_stats(async_engine) -> EngineStats:
@@ -44,7 +45,7 @@ def engine_stats(async_engine) -> EngineStats:
     engine = async_engine.engine
     scheduler = engine.scheduler
     return EngineStats(len(scheduler.running), len(scheduler.waiting), float(engine.block_manager.usage),
-                       int(scheduler.num_preemptions))
+                       int(scheduler.num_preemptions), engine.spec_stats if engine.spec is not None else None)
 
 
 class Histogram:
@@ -165,4 +166,16 @@ class Metrics:
                        f"{float(self.finished.get(reason, 0))!r}\n")
         for h in (self.ttft, self.itl, self.tpot, self.e2e, self.request_prompt, self.request_generation):
             h.render(lb, out)
+        if s.spec is not None:  # as vLLM, only where speculative decoding is on
+            sp = s.spec
+            scalar("vllm:spec_decode_num_drafts_total", "counter", "Number of spec decoding drafts.",
+                   float(sp.num_drafts))
+            scalar("vllm:spec_decode_num_draft_tokens_total", "counter", "Number of draft tokens.",
+                   float(sp.num_draft_tokens))
+            scalar("vllm:spec_decode_num_accepted_tokens_total", "counter", "Number of accepted tokens.",
+                   float(sp.num_accepted_tokens))
+            out.append("# HELP vllm:spec_decode_num_accepted_tokens_per_pos_total Accepted tokens per draft position.\n"
+                       "# TYPE vllm:spec_decode_num_accepted_tokens_per_pos_total counter\n")
+            for pos, n in enumerate(sp.accepted_per_pos):
+                out.append(f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{{lb},position="{pos}"}} {float(n)!r}\n')
         return "".join(out).encode()
