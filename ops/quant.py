@@ -8,6 +8,7 @@ finite value is 448, S.1111.111 is NaN, there is no infinity. Rounding is to nea
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,11 @@ from ops.jit import dtypes
 
 E4M3_MAX = 448.0
 METHODS = ("fp8",)
+# Up to this many tokens an FP8 projection takes its input unquantized, in the model dtype, and multiplies it by
+# the decoded weight (W8A16: the GPU's GEMV, ops/cuda/gemv.py); beyond, both operands are E4M3 (W8A8, cuBLASLt).
+# 0: always W8A8. Raised where the GEMV measures faster (docs/performance.md); CUPYLLM_W8A16_MAX_TOKENS sets it
+# for a process (the benchmark compares both).
+W8A16_MAX_TOKENS = int(os.environ.get("CUPYLLM_W8A16_MAX_TOKENS", "0"))
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,11 @@ def linear(x, weight, bias: np.ndarray | None, out: np.ndarray) -> None:
         return
     if isinstance(x, Fp8Activation):
         xq, xs = x.codes, x.scale.reshape(-1)
+    elif x.shape[0] <= W8A16_MAX_TOKENS:  # W8A16: x as it is, the weight decoded
+        np.matmul(np.asarray(x, np.float32), dequantize_rows(weight.codes, weight.scale).T, out=out)
+        if bias is not None:
+            out += bias
+        return
     else:
         xq, xs = quantize_rows(x) if weight.input_scale is None else quantize_static(x, weight.input_scale)
     acc = dtypes.e4m3_bits_to_float32(xq) @ dtypes.e4m3_bits_to_float32(weight.codes).T  # [T, N] float32

@@ -67,6 +67,21 @@ def test_fp8_linear_is_the_math_of_e4m3_operands():
     np.testing.assert_allclose(plain, exact, rtol=1e-5, atol=1e-5)
 
 
+def test_w8a16_linear_within_the_token_limit(monkeypatch):
+    """Up to W8A16_MAX_TOKENS tokens the input is not quantized: x times the decoded weight; beyond, W8A8."""
+    monkeypatch.setattr(quant, "W8A16_MAX_TOKENS", 4)
+    rng = np.random.default_rng(2)
+    w, b = rng.standard_normal((40, 48)).astype(np.float32), rng.standard_normal(40).astype(np.float32)
+    q = quant.quantize_weight(w)
+    for t in (1, 4, 5):
+        x = rng.standard_normal((t, 48)).astype(np.float32)
+        out = np.empty((t, 40), np.float32)
+        quant.linear(x, q, b, out)
+        xd = x if t <= 4 else quant.dequantize_rows(*quant.quantize_rows(x))
+        np.testing.assert_allclose(out, xd.astype(np.float64) @ quant.dequantize_rows(q.codes, q.scale).T + b,
+                                   rtol=1e-5, atol=1e-5)
+
+
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 

@@ -54,11 +54,14 @@ class Recording(NumpyBackend):
         return run
 
 
-@pytest.mark.parametrize("fp8", [False, True], ids=["fp16", "fp8"])
+@pytest.mark.parametrize("fp8,w8a16", [(False, False), (True, False), (True, True)], ids=["fp16", "fp8", "w8a16"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_plan_is_what_the_model_launches(family, fp8):
+def test_plan_is_what_the_model_launches(family, fp8, w8a16, monkeypatch):
+    """fp8 steps of more than quant.W8A16_MAX_TOKENS tokens quantize GEMM inputs; w8a16: a step within it."""
+    from ops import quant
+    monkeypatch.setattr(quant, "W8A16_MAX_TOKENS", 8 if w8a16 else 0)
     c = config(family)
-    ops, buffers = layer_ops(c, fp8)
+    ops, buffers = layer_ops(c, fp8, w8a16)
     kernels = fusion.plan(ops)
     want = [LAUNCH[k.name] + ("+bias" if k.name == "gemm+bias" else "") for k in kernels]
     b = Recording()
@@ -75,12 +78,13 @@ def test_plan_is_what_the_model_launches(family, fp8):
     per_layer = len(want)
     # embedding, rms_norm, layer 0 (no residual add before it), layers 1.., the final add + norm
     layers = b.calls[2:-1]
-    assert b.calls[:2] == ["embedding", "rms_norm_fp8" if fp8 else "rms_norm"] and b.calls[-1] == "add_rms_norm"
+    assert b.calls[:2] == ["embedding", "rms_norm_fp8" if fp8 and not w8a16 else "rms_norm"]
+    assert b.calls[-1] == "add_rms_norm"
     assert layers[:per_layer - 1] == want[1:]
     for i in range(1, c.num_hidden_layers):
         got = layers[per_layer - 1 + (i - 1) * per_layer:][:per_layer]
         assert got == want, f"layer {i}: model launches {got}, plan says {want}"
-    assert len(kernels) == (10 if fp8 else 9)  # fp8: attention's output is quantized by a launch of its own
+    assert len(kernels) == (10 if fp8 and not w8a16 else 9)  # fp8: attention's output has a quantizer of its own
     assert len(fusion.plan(ops, fuse=False)) > len(kernels)
 
 

@@ -59,10 +59,11 @@ def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def layer_ops(c: ModelConfig, fp8: bool = False) -> tuple[list[Op], dict[str, Buffer]]:
+def layer_ops(c: ModelConfig, fp8: bool = False, w8a16: bool = False) -> tuple[list[Op], dict[str, Buffer]]:
     """One decoder layer (any but the first) as the op list the fusion pass groups (ops/fusion.py), with its
     buffers. LlamaModel.forward launches what fusion.plan makes of it; tests/test_fusion.py checks that.
-    fp8: the projections are E4M3 (--quantization fp8) and each GEMM input is quantized per token on its way."""
+    fp8: the projections are E4M3 (--quantization fp8) and each GEMM input is quantized per token on its way;
+    with w8a16 (a step of at most quant.W8A16_MAX_TOKENS tokens) the inputs stay in the model dtype."""
     h, d, inter, qkv = c.hidden_size, c.head_dim, c.intermediate_size, c.q_size + 2 * c.kv_size
     w = 1 if fp8 else 0  # a projection weight's itemsize (0: the model's); the per-row scales are beside it
     b = [Buffer("hidden", h), Buffer("residual", h, kept=True), Buffer("x", h), Buffer("qkv", qkv),
@@ -80,13 +81,15 @@ def layer_ops(c: ModelConfig, fp8: bool = False) -> tuple[list[Op], dict[str, Bu
     b += [Buffer(n + "_scales", rows, weight=True, itemsize=4) for n, rows in
           (("qkv_proj", qkv), ("o_proj", h), ("gate_up_proj", 2 * inter), ("down_proj", h))]
 
-    def gemm(name, x, out):  # fp8: x's codes and scales, the weight's codes and scales
+    def gemm(name, x, out):  # fp8: x's codes and scales (w8a16: x), the weight's codes and scales
         if not fp8:
             return [Op(name, GEMM, (x, name), (out,))]
+        if w8a16:
+            return [Op(name, GEMM, (x, name, name + "_scales"), (out,))]
         return [Op(name, GEMM, (x + "_q", x + "_scale", name, name + "_scales"), (out,))]
 
     def quantized(x, width):  # fp8: x quantized per token, in the kernel that made x
-        return [fusion.quantize_fp8(x, x + "_q", x + "_scale", width)] if fp8 else []
+        return [fusion.quantize_fp8(x, x + "_q", x + "_scale", width)] if fp8 and not w8a16 else []
 
     o_bias = c.attention_bias and c.architecture != "Qwen2ForCausalLM"
     ops = [fusion.add("hidden", "residual", "residual", h), fusion.rms_norm("residual", "input_norm", "x", h),
@@ -165,8 +168,9 @@ class LlamaModel:
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> Any:
         """Hidden states after the final norm, [T, H]. kv_caches[i] = (k_cache, v_cache) of layer i.
         The launches are fusion.plan(layer_ops(config, self.fp8)) per layer (tests/test_fusion.py)."""
-        b, c, fp8 = self.backend, self.config, self.fp8
+        b, c = self.backend, self.config
         t, h, eps = input_ids.shape[0], c.hidden_size, c.rms_norm_eps
+        fp8 = self.fp8 and t > quant.W8A16_MAX_TOKENS  # quantized GEMM inputs (else W8A16, or no FP8 at all)
         residual = b.empty((t, h))
         x = b.empty((t, h))
         qkv = b.empty((t, c.q_size + 2 * c.kv_size))

@@ -13,7 +13,8 @@ import warnings
 import cupy as cp
 import numpy as np
 
-from ops import autotune, jit_ops
+from ops import autotune, jit_ops, quant
+from ops.cuda.gemv import gemv_fp8
 from ops.cublaslt import MAX_ALIGNMENT, CublasLt, CublasLtError, Plan, PlanKey, pointer_alignment
 from ops.quant import Fp8Activation, Fp8Weight
 
@@ -88,8 +89,12 @@ class Linear:
                        self.workspace_bytes, cp.cuda.get_current_stream().ptr)
 
     def _fp8(self, x: Fp8Activation, weight: Fp8Weight, bias, out) -> None:
+        if not isinstance(x, Fp8Activation) and x.shape[0] <= quant.W8A16_MAX_TOKENS:
+            gemv_fp8(x, weight, bias, out)  # W8A16 at a few tokens
+            return
         if not isinstance(x, Fp8Activation):
-            raise TypeError(f"an FP8 weight takes an Fp8Activation (codes and per-token scales), got {type(x).__name__}")
+            raise TypeError(f"an FP8 weight takes an Fp8Activation (codes and per-token scales) beyond "
+                            f"{quant.W8A16_MAX_TOKENS} tokens, got {type(x).__name__}")
         m, k = x.codes.shape
         n = weight.codes.shape[0]
         dtype = _DTYPE_NAMES.get(out.dtype)
