@@ -206,6 +206,12 @@ def print_table(rows: list[dict]) -> None:
               f"{r['step_ms_p95']:>12.2f} {graph}")
 
 
+def _w8a16(args) -> dict:
+    """FP8 runs say up to how many tokens the W8A16 GEMV served (ops/quant.W8A16_MAX_TOKENS)."""
+    from ops import quant
+    return {"w8a16_max_tokens": quant.W8A16_MAX_TOKENS} if args.quantization == "fp8" else {}
+
+
 def record(rows: list[dict], args: argparse.Namespace, engine) -> None:
     card = engine.backend.device_name() if engine.backend.name == "cuda" else "cpu"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -214,7 +220,7 @@ def record(rows: list[dict], args: argparse.Namespace, engine) -> None:
                 commit=commit or "unknown (no git here)", card=card,
                 model=os.path.basename(os.path.normpath(args.model)) if args.model else "demo",
                 dtype=engine.backend.dtype_name, quantization=args.quantization or "none",
-                kv_cache_dtype=args.kv_cache_dtype,
+                kv_cache_dtype=args.kv_cache_dtype, **_w8a16(args),
                 command="cupyllm benchmark " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                        if k in ("model", "load_format", "n", "input_len",
                                                                 "output_len", "dtype", "quantization") and v)
