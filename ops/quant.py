@@ -20,9 +20,10 @@ E4M3_MAX = 448.0
 METHODS = ("fp8",)
 # Up to this many tokens an FP8 projection takes its input unquantized, in the model dtype, and multiplies it by
 # the decoded weight (W8A16: the GPU's GEMV, ops/cuda/gemv.py); beyond, both operands are E4M3 (W8A8, cuBLASLt).
-# 0: always W8A8. Raised where the GEMV measures faster (docs/performance.md); CUPYLLM_W8A16_MAX_TOKENS sets it
-# for a process (the benchmark compares both).
-W8A16_MAX_TOKENS = int(os.environ.get("CUPYLLM_W8A16_MAX_TOKENS", "0"))
+# 1: the GEMV beat the cuBLASLt FP8 path on all four Qwen2.5-7B projections at one token and lost on gate_up and
+# down from two (perf/gpu_gemv_fp8.py on an H200, docs/performance.md). 0: always W8A8.
+# CUPYLLM_W8A16_MAX_TOKENS sets it for a process (the benchmark compares settings).
+W8A16_MAX_TOKENS = int(os.environ.get("CUPYLLM_W8A16_MAX_TOKENS", "1"))
 
 
 @dataclass(frozen=True)
