@@ -54,8 +54,9 @@ def run(args: argparse.Namespace) -> int:
 
     ns = sorted({int(x) for x in args.n.split(",")})
     has_tokenizer = bool(args.model) and os.path.exists(os.path.join(args.model, "tokenizer.json"))
+    spec = _spec_config(args, ns)
     t0 = time.perf_counter()
-    engine = LLMEngine(EngineConfig(
+    engine = LLMEngine(EngineConfig(speculative_config=spec,
         model=args.model, dtype=args.dtype, device=args.device, seed=args.seed, load_format=args.load_format,
         max_num_seqs=max(ns), max_model_len=args.max_model_len or args.input_len + args.output_len + 16,
         max_num_batched_tokens=max(8192, max(ns) * args.input_len), enforce_eager=args.enforce_eager,
@@ -68,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     vocab = engine.model_config.vocab_size
     rows, cold_start = [], None
     if args.spec_acceptance is not None:
-        rows = speculation_rows(engine, args, ns, rng, vocab)
+        engine.enable_speculation(None)  # the plain runs; its verify graphs stay captured
+        rows = speculation_rows(engine, spec, args, ns, rng, vocab)
         record(rows, args, engine)
         return 0
     for n in ns:
@@ -125,13 +127,20 @@ def resource_figures(engine, cold_start: float | None) -> dict:
     return out
 
 
-def speculation_rows(engine, args, ns, rng, vocab) -> list[dict]:
-    """Per N: a plain greedy run, then the same prompts with an OracleProposer at each acceptance rate."""
+def _spec_config(args, ns):
+    """The SpeculativeConfig of a --spec-acceptance run (speculating at every N asked for), else None."""
+    if args.spec_acceptance is None:
+        return None
     from engine.config import SpeculativeConfig
+    spec = SpeculativeConfig.parse(args.speculative_config or '{"method": "ngram", "num_speculative_tokens": 4}')
+    spec.disable_by_batch_size = max(ns)
+    return spec
+
+
+def speculation_rows(engine, spec, args, ns, rng, vocab) -> list[dict]:
+    """Per N: a plain greedy run, then the same prompts with an OracleProposer at each acceptance rate."""
     from engine.spec_decode import AcceptanceGate, OracleProposer
 
-    spec = SpeculativeConfig.parse(args.speculative_config or '{"method": "ngram", "num_speculative_tokens": 4}')
-    spec.disable_by_batch_size = max(ns)  # measured at every N asked for
     rates = [float(a) for a in args.spec_acceptance.split(",")]
     rows = []
     print(f"speculation, K = {spec.num_speculative_tokens}, gate {args.spec_gate}")

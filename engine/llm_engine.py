@@ -239,7 +239,8 @@ class LLMEngine:
             if seq.params.max_tokens is not None:
                 k = min(k, seq.params.max_tokens - seq.num_output_tokens - 1)
             proposal = self.proposer.propose(seq.token_ids, k) if k > 0 else []
-            if proposal:
+            if proposal:  # a short one filled up to k (the verify graphs take k a sequence): more to accept, or not
+                proposal = proposal + [proposal[-1]] * (k - len(proposal))
                 seq.token_ids.extend(proposal)
                 seq.num_spec = len(proposal)
                 room -= len(proposal)

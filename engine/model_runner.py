@@ -56,7 +56,7 @@ class ModelRunner:
                         self.kv_cache[0, :, 0].nbytes)
         self.stage_times["KV cache"] = time.perf_counter() - t0
         self.num_computed_tokens_total = 0  # tokens run through the model: tests check prefix hits skip work
-        self.graphs = None
+        self.graphs = self.verify_graphs = None
         self._last_sampled = None  # numpy backend: the ids of its last deferred step
         if backend.name == "cuda" and not engine_config.enforce_eager:
             from graphs.manager import DecodeGraphs
@@ -68,6 +68,14 @@ class ModelRunner:
                                        self.max_model_len, self.block_size, model_config.vocab_size)
             self.graphs.capture()
             self.stage_times["graph capture"] = self.graphs.capture_seconds
+            spec = engine_config.speculative_config
+            if spec is not None:  # verify steps of K + 1 rows a sequence, at the batch sizes that speculate
+                self.verify_graphs = DecodeGraphs(
+                    self.model, self.kv_caches, min(engine_config.scheduler.max_num_seqs, spec.disable_by_batch_size),
+                    self.max_model_len, self.block_size, model_config.vocab_size,
+                    query_len=spec.num_speculative_tokens + 1)
+                self.verify_graphs.capture()
+                self.stage_times["graph capture"] += self.verify_graphs.capture_seconds
 
     def _auto_num_blocks(self, cfg: EngineConfig) -> int:
         if self.backend.name != "cuda":
@@ -125,6 +133,12 @@ class ModelRunner:
         """Whether a step of this shape replays a decode graph (else it runs eagerly)."""
         return self.graphs is not None and max_query_len == 1 and num_seqs <= self.graphs.max_size
 
+    def _verifies(self, sched: SchedulerOutput) -> bool:
+        """Whether the step is a verify batch a verify graph replays: every sequence K proposals and one more."""
+        g = self.verify_graphs
+        return g is not None and len(sched.scheduled) <= g.max_size and all(
+            s.num_tokens == g.query_len and s.num_sampled_rows == g.query_len for s in sched.scheduled)
+
     def execute(self, sched: SchedulerOutput, sampling: SamplingTensors | None, defer: bool = False
                 ) -> SamplerOutput | DeferredSample | None:
         """Run one step. Returns sampled tokens for the sequences whose `samples` is true, in order: one row each,
@@ -141,6 +155,8 @@ class ModelRunner:
         self.num_computed_tokens_total += len(input_ids)
         if self._replays(len(input_ids), meta.max_query_len):
             return self.graphs.run(input_ids, positions, meta, sampling, src, defer)  # every decode row samples
+        if self._verifies(sched):  # every row of a verify step samples too
+            return self.verify_graphs.run(input_ids, positions, meta, sampling)
         if src is not None:  # the numpy backend one step ahead: its last ids are already on the host
             if meta.max_query_len != 1 or self._last_sampled is None:
                 raise RuntimeError("a placeholder token outside a decode step that follows a deferred one")

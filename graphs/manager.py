@@ -9,6 +9,9 @@ launch (ops/cuda/sampling.SamplingBuffers), and the only copy back is the sample
 logprobs, or with more penalty history or logit-bias entries than the buffers hold, samples eagerly from
 the graph's logits instead (same kernel, same Philox draws: the same tokens).
 
+Verify graphs (speculative decoding): the same with query_len = K + 1 rows per sequence, all of them sampled;
+the prefill attention kernel runs them (its grid depends on query_len only, not on the context).
+
 One step ahead: every graph writes its sampled ids to one device buffer, `sampled`, and its first node
 (ops/kernels/step_inputs.cu) takes a row's input id from there when the host marks it (src >= 0). So the
 engine can launch step t+1 before step t's ids reach the host; run(..., defer=True) returns a
@@ -45,7 +48,7 @@ class DecodeGraphs:
     """Owns the static inputs, the captured graphs and their logits outputs."""
 
     def __init__(self, model, kv_caches, max_num_seqs: int, max_model_len: int, block_size: int,
-                 vocab_size: int, max_history: int = 32768, max_bias: int = 64):
+                 vocab_size: int, max_history: int = 32768, max_bias: int = 64, query_len: int = 1):
         import cupy as cp  # graphs exist on the CUDA backend only
 
         from ops.cuda import sampling
@@ -56,25 +59,28 @@ class DecodeGraphs:
         self.model = model
         self.kv_caches = kv_caches
         self.sizes = capture_sizes(max_num_seqs)
-        self.max_size = b = self.sizes[-1]
+        self.max_size = b = self.sizes[-1]  # sequences
+        self.query_len = q = query_len
+        self._rows = r = b * q  # token rows
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
         i32 = np.int32
         # Packed inputs (step_inputs.cu's layout): one copy a step fills ids, positions, slots, seq_lens,
-        # src and the flat block tables; the model reads the first four in place.
-        self._words = 4 + 5 * b + b * self.max_blocks
+        # src and the flat block tables; the model reads the first four in place. Arrays of `r` token rows;
+        # seq_lens uses its first b (one a sequence).
+        self._words = 4 + 5 * r + b * self.max_blocks
         self.packed = cp.zeros(self._words, i32)
-        rows = self.packed[4:4 + 5 * b].reshape(5, b)
+        rows = self.packed[4:4 + 5 * r].reshape(5, r)
         rows[2:5:2] = -1  # slots and src: padding until the first step
         self.input_ids, self.positions, self.slot_mapping, self.seq_lens, self.src = rows
-        self.query_start_loc = cp.arange(b + 1, dtype=i32)  # one query row per sequence, always
+        self.query_start_loc = cp.arange(0, r + 1, q, dtype=i32)  # query_len rows per sequence, always
         self.block_tables = cp.zeros((b, self.max_blocks), i32)
-        self.sampled = cp.zeros(b, i32)  # every graph's sampled ids (a prefix); the next step's src reads it
+        self.sampled = cp.zeros(r, i32)  # every graph's sampled ids (a prefix); the next step's src reads it
         # Penalty history per row: prompt + output, so at most max_model_len ids.
-        self.sampling_buffers = sampling.SamplingBuffers(b, vocab_size, min(max_model_len, max_history), max_bias)
+        self.sampling_buffers = sampling.SamplingBuffers(r, vocab_size, min(max_model_len, max_history), max_bias)
         # Two pinned copies of `packed` and of `sampled`: the host fills one while the other may be in flight.
         self._staging = [_pinned(cp, self._words) for _ in range(2)]
-        self._results = [_pinned(cp, b) for _ in range(2)]
+        self._results = [_pinned(cp, r) for _ in range(2)]
         self._staged: list = [None, None]
         self._slot = self._result_slot = 0
         self.graphs: dict[int, object] = {}
@@ -87,15 +93,17 @@ class DecodeGraphs:
     def _meta(self, size: int) -> AttentionMetadata:
         # max_seq_len = max_model_len: the split-KV grid is fixed at capture, valid for any context
         return AttentionMetadata(self.query_start_loc[:size + 1], self.seq_lens[:size], self.block_tables[:size],
-                                 self.slot_mapping[:size], max_query_len=1, max_seq_len=self.max_model_len)
+                                 self.slot_mapping[:size * self.query_len], max_query_len=self.query_len,
+                                 max_seq_len=self.max_model_len)
 
     def _forward(self, size: int):
+        t = size * self.query_len
         self._unpack((-(-self.max_blocks // 128), size), (128,),
-                     (self.packed, np.int32(size), np.int32(self.max_size), self.sampled, self.block_tables,
+                     (self.packed, np.int32(size), np.int32(self._rows), self.sampled, self.block_tables,
                       np.int32(self.max_blocks)))
-        hidden = self.model.forward(self.input_ids[:size], self.positions[:size], self._meta(size), self.kv_caches)
+        hidden = self.model.forward(self.input_ids[:t], self.positions[:t], self._meta(size), self.kv_caches)
         logits = self.model.compute_logits(hidden)
-        self._sampling.sample(logits, self.sampling_buffers, self.sampled[:size])
+        self._sampling.sample(logits, self.sampling_buffers, self.sampled[:t])
         return logits
 
     def capture(self) -> None:
@@ -110,12 +118,14 @@ class DecodeGraphs:
                 self.graphs[size] = self.stream.end_capture()
         self.stream.synchronize()
         self.capture_seconds = time.perf_counter() - t0
-        logger.info("captured %d decode graphs (%s) in %.3f s", len(self.sizes),
+        logger.info("captured %d %s graphs (%s) in %.3f s", len(self.sizes),
+                    "decode" if self.query_len == 1 else f"verify ({self.query_len} rows a sequence)",
                     ", ".join(map(str, self.sizes)), self.capture_seconds)
 
     def _stage(self, input_ids, positions, meta: AttentionMetadata, src, size: int, stream) -> None:
         """Pack this step's inputs into pinned memory and copy them to `packed` (one async copy)."""
-        cp, b, n = self.cp, self.max_size, len(input_ids)
+        cp, b, t = self.cp, self._rows, len(input_ids)
+        n, q = len(meta.seq_lens), self.query_len
         slot, self._slot = self._slot, self._slot ^ 1
         if self._staged[slot] is not None:
             self._staged[slot].synchronize()  # the copy that last read this staging buffer is done
@@ -123,9 +133,11 @@ class DecodeGraphs:
         width = meta.block_tables.shape[1]
         host[0] = width
         rows = host[4:4 + 5 * b].reshape(5, b)
-        rows[0, :n], rows[1, :n], rows[2, :n], rows[3, :n] = input_ids, positions, meta.slot_mapping, meta.seq_lens
-        rows[4, :n] = -1 if src is None else src
-        rows[:, n:size] = _PADDING  # rows past n: no cache write, no attention, no gather
+        rows[0, :t], rows[1, :t], rows[2, :t] = input_ids, positions, meta.slot_mapping
+        rows[3, :n] = meta.seq_lens
+        rows[4, :t] = -1 if src is None else src
+        rows[:, t:size * q] = _PADDING  # token rows past t: no cache write, no gather
+        rows[3, n:size] = 0  # sequences past n: no attention, zero output
         used = 4 + 5 * b + n * width
         host[4 + 5 * b:used] = meta.block_tables.reshape(-1)
         cp.cuda.runtime.memcpyAsync(self.packed.data.ptr, self._staging[slot][0].ptr, 4 * used,
@@ -140,8 +152,8 @@ class DecodeGraphs:
         it). defer: return a DeferredSample instead of waiting, when sampling ran inside the graph and no
         row needs penalty history (which would need the ids still on their way).
         """
-        cp, n = self.cp, len(input_ids)
-        size = padded_size(self.sizes, n)
+        cp, n = self.cp, len(input_ids)  # token rows: sequences x query_len
+        size = padded_size(self.sizes, len(meta.seq_lens))
         stream = cp.cuda.get_current_stream()
         in_graph = sampling.num_logprobs < 0 and self.sampling_buffers.fits(sampling)
         if in_graph:

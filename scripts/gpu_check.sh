@@ -13,6 +13,8 @@
 #          N = 1..256) -> $OUT/engine.{jsonl,log}; a warm restart (everything cached) -> $OUT/engine_warm.jsonl;
 #          the JIT kernels against the hand ones -> $OUT/kernels.{jsonl,log}; then tests/gpu -> $OUT/gpu_tests.log.
 #          About 6 minutes on an H100.
+#   spec   issue #14: tests/gpu/test_spec_gpu.py, the acceptance-controlled benchmark and the verify cost curve
+#          -> $OUT/spec_tests.log, $OUT/spec.{jsonl,log}
 #   fp8    issue #13: cuBLASLt's FP8 enums against the machine's headers, tests/gpu/test_fp8_gpu.py and the FP8-cache
 #          attention tests -> $OUT/fp8_tests.log, perf/fp8_quality.py, the engine benchmark fp16, fp8 weights, fp8 KV
 #          cache, both -> $OUT/engine.{jsonl,log}, then the rest of tests/gpu in the time left -> $OUT/gpu_tests.log.
@@ -27,8 +29,8 @@ what=${1:-all}
 filter=${2:-}
 status=0
 case $what in
-  all | tests | bench | serve | jit | fp8) ;;
-  *) echo "usage: $0 [all|tests|bench|serve|jit|fp8] [pytest -k expression]" >&2; exit 2 ;;
+  all | tests | bench | serve | jit | fp8 | spec) ;;
+  *) echo "usage: $0 [all|tests|bench|serve|jit|fp8|spec] [pytest -k expression]" >&2; exit 2 ;;
 esac
 
 # The serving benchmark (issue #6). 16 clients in a closed loop, 128 output tokens after prompts of 512 tokens
@@ -75,15 +77,22 @@ fi
 # verify step's cost curve (K = 1..8, every step verified, nothing accepted) -> $OUT/spec.{jsonl,log}
 spec() {
   local args="--model perf/configs/qwen2.5-7b --load-format dummy --dtype float16 --input-len 32 --output-len 256"
-  timeout 100 python3 -m api.cli benchmark $args --n 1,16,64 --spec-acceptance 0,0.5,0.7,0.8,0.9 \
+  timeout 90 python3 -m api.cli benchmark $args --n 1,16,64 --spec-acceptance 0,0.5,0.8,1 \
     --speculative-config '{"method": "ngram", "num_speculative_tokens": 4}' --json "$OUT/spec.jsonl" 2>&1 \
-    | grep -E "^N=|speculation" | tee "$OUT/spec.log"
-  for k in 1 2 4 8; do
+    | grep -E "^N=|speculation|verify" | tee "$OUT/spec.log"
+  for k in ${SPEC_COST_K:-1 2 4 8}; do
     timeout 60 python3 -m api.cli benchmark $args --output-len 64 --n 1,16,64 --spec-acceptance 0 --spec-gate off \
       --speculative-config "{\"method\": \"ngram\", \"num_speculative_tokens\": $k}" --json "$OUT/spec.jsonl" 2>&1 \
       | grep -E "^N=|speculation" | tee -a "$OUT/spec.log"
   done
 }
+
+if [[ $what == spec ]]; then  # issue #14: the GPU tests, then spec() (SPEC_COST_K picks the cost curve's K)
+  timeout 90 python3 -m pytest -q -rfE -s --tb=short tests/gpu/test_spec_gpu.py > "$OUT/spec_tests.log" 2>&1
+  status=$?
+  grep -E "drafts|^FAILED|^E |passed|failed" "$OUT/spec_tests.log" | tail -20
+  spec
+fi
 
 if [[ $what == fp8 ]]; then
   ENGINE_ARGS="--model perf/configs/qwen2.5-7b --load-format dummy --dtype float16 --input-len 32 --output-len 512"

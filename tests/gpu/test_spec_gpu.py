@@ -1,0 +1,43 @@
+"""Speculative decoding on the GPU (issue #14), tiny checkpoint: the output equals the plain GPU run's (greedy and
+seeded), with prompt lookup and with a proposer that knows the plain continuation; when it is always right,
+nearly every proposal is accepted (the verify step computes what plain decoding computes)."""
+from __future__ import annotations
+
+import pytest
+
+cp = pytest.importorskip("cupy")
+try:
+    _DEVICES = cp.cuda.runtime.getDeviceCount()
+except Exception:  # CuPy installed without a driver or device
+    _DEVICES = 0
+if not _DEVICES:
+    pytest.skip("no CUDA device", allow_module_level=True)
+
+from engine.config import EngineConfig  # noqa: E402
+from engine.llm_engine import LLMEngine  # noqa: E402
+from tests.test_spec_decode import NGRAM, PARAM_IDS, PARAMS, KnownContinuation, _outputs, _prompts  # noqa: E402
+
+
+def _gpu_engines(path):
+    kw = dict(model=path, device="cuda", dtype="float16", max_model_len=256, max_num_seqs=8)
+    return LLMEngine(EngineConfig(**kw)), LLMEngine(EngineConfig(speculative_config=NGRAM, **kw))
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=PARAM_IDS)
+def test_gpu_output_identical_with_and_without_speculation(checkpoint, rng, params):
+    path, _ = checkpoint("qwen2_untied")
+    plain, spec = _gpu_engines(path)
+    prompts = _prompts(rng)
+    want = _outputs(plain, prompts, params)
+    got = _outputs(spec, prompts, params)
+    print(f"ngram: {spec.spec_stats.num_drafts} drafts, acceptance {spec.spec_stats.acceptance_rate:.2f}")
+    assert [t for t, _ in got] == [t for t, _ in want]
+    for rate in (1.0, 0.6):
+        spec.proposer = KnownContinuation({tuple(p): w[0] for p, w in zip(prompts, want)}, rate, 0)
+        spec.enable_speculation(spec.spec, spec.proposer)
+        got = _outputs(spec, prompts, params)
+        stats = spec.spec_stats
+        print(f"known continuation, {rate:.0%} right: {stats.num_drafts} drafts, acceptance {stats.acceptance_rate:.2f}")
+        assert [t for t, _ in got] == [t for t, _ in want]
+        if rate == 1.0:
+            assert stats.acceptance_rate > 0.9
