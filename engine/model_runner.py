@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from itertools import chain
 
@@ -69,7 +70,10 @@ class ModelRunner:
             self.graphs.capture()
             self.stage_times["graph capture"] = self.graphs.capture_seconds
             spec = engine_config.speculative_config
-            if spec is not None:  # verify steps of K + 1 rows a sequence, at the batch sizes that speculate
+            # Verify steps of K + 1 rows a sequence, at the batch sizes that speculate. Opt-in until they have run on
+            # a GPU (written 2026-12-07 when no device could be started; tests/gpu/test_spec_gpu.py checks them):
+            # eager verify steps are what was measured.
+            if spec is not None and os.environ.get("CUPYLLM_VERIFY_GRAPHS") == "1":
                 self.verify_graphs = DecodeGraphs(
                     self.model, self.kv_caches, min(engine_config.scheduler.max_num_seqs, spec.disable_by_batch_size),
                     self.max_model_len, self.block_size, model_config.vocab_size,

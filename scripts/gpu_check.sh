@@ -88,8 +88,11 @@ spec() {
 }
 
 if [[ $what == spec ]]; then  # issue #14: the GPU tests, then spec() (SPEC_COST_K picks the cost curve's K)
-  timeout 90 python3 -m pytest -q -rfE -s --tb=short tests/gpu/test_spec_gpu.py > "$OUT/spec_tests.log" 2>&1
-  status=$?
+  for g in 0 1; do  # eager verify steps, then the verify graphs (CUPYLLM_VERIFY_GRAPHS=1)
+    CUPYLLM_VERIFY_GRAPHS=$g timeout 90 python3 -m pytest -q -rfE -s --tb=short tests/gpu/test_spec_gpu.py \
+      >> "$OUT/spec_tests.log" 2>&1 || status=1
+  done
+  export CUPYLLM_VERIFY_GRAPHS=1
   grep -E "drafts|^FAILED|^E |passed|failed" "$OUT/spec_tests.log" | tail -20
   spec
 fi
