@@ -139,6 +139,18 @@ def test_full_waiting_queue_answers_503_with_retry_after(limited):
 
 
 # KV exhaustion
+def _post_concurrently(srv, bodies: list[dict]) -> list[dict]:
+    """POST every body to /v1/completions at once; the JSON answers, in order (each must be a 200)."""
+    async def main():
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as s:
+            async def one(body):
+                async with s.post(srv.base + "/v1/completions", json=body) as r:
+                    assert r.status == 200, await r.read()
+                    return await r.json()
+            return await asyncio.gather(*(one(b) for b in bodies))
+    return asyncio.run(main())
+
+
 ONE_STEP_AHEAD = pytest.mark.parametrize("schedule", ["--no-async-scheduling", "--async-scheduling"])
 
 
@@ -150,15 +162,7 @@ def test_kv_exhaustion_completes_through_preemption_with_identical_outputs(tmp_p
     try:
         bodies = [{"prompt": " ".join(rng.choice(["tea", "stone", "river", "light"], 6)), "max_tokens": 190,
                    "temperature": 1.0, "seed": int(rng.integers(2 ** 31)), "ignore_eos": True} for _ in range(8)]
-
-        async def main():
-            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as s:
-                async def one(body):
-                    async with s.post(srv.base + "/v1/completions", json=body) as r:
-                        assert r.status == 200, await r.read()
-                        return await r.json()
-                return await asyncio.gather(*(one(b) for b in bodies))
-        together = asyncio.run(main())
+        together = _post_concurrently(srv, bodies)
         m = srv.wait_idle()
         assert m["vllm:num_preemptions_total"] > 0
         alone = [srv.post("/v1/completions", b) for b in bodies]
@@ -181,15 +185,7 @@ def test_speculation_through_preemption_keeps_outputs_and_counts_in_metrics(tmp_
         bodies = [{"prompt": " ".join(rng.choice(["tea", "stone", "river", "light"], 12)), "max_tokens": 150,
                    "temperature": 0.0 if i % 2 else 1.0, "seed": int(rng.integers(2 ** 31)), "ignore_eos": True}
                   for i in range(8)]
-
-        async def main():
-            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as s:
-                async def one(body):
-                    async with s.post(srv.base + "/v1/completions", json=body) as r:
-                        assert r.status == 200, await r.read()
-                        return await r.json()
-                return await asyncio.gather(*(one(b) for b in bodies))
-        together = asyncio.run(main())
+        together = _post_concurrently(srv, bodies)
         m = srv.wait_idle()
         assert m["vllm:num_preemptions_total"] > 0 and m["vllm:spec_decode_num_drafts_total"] > 0
         assert m["vllm:spec_decode_num_accepted_tokens_total"] <= m["vllm:spec_decode_num_draft_tokens_total"]
