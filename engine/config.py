@@ -205,7 +205,7 @@ class SchedulerConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
-SPEC_METHODS = ("ngram",)
+SPEC_METHODS = ("ngram", "self_draft")
 _SPEC_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size",
               "model", "draft_layers"}
 
@@ -213,12 +213,14 @@ _SPEC_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_l
 @dataclass(slots=True)
 class SpeculativeConfig:
     """vLLM's --speculative-config: {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_max": 4,
-    "prompt_lookup_min": 1}; disable_by_batch_size: no speculation in steps with more running sequences."""
+    "prompt_lookup_min": 1}, or {"method": "self_draft", "num_speculative_tokens": K, "draft_layers": L} (the
+    target's first L layers draft); disable_by_batch_size: no speculation in steps with more running sequences."""
     method: str
     num_speculative_tokens: int
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
     disable_by_batch_size: int = 8
+    draft_layers: int | None = None
 
     @classmethod
     def parse(cls, raw) -> SpeculativeConfig | None:
@@ -236,9 +238,9 @@ class SpeculativeConfig:
         if unknown:
             raise ConfigError(f"speculative_config: unknown keys {sorted(unknown)}; known: {sorted(_SPEC_KEYS)}")
         method = raw.get("method")
-        if method in ("draft_model", "self_draft"):
-            raise ConfigError(f"speculative_config method {method!r} is not implemented yet; "
-                              "method \"ngram\" (prompt lookup) is")
+        if method == "draft_model":
+            raise ConfigError("speculative_config method 'draft_model' is not implemented yet; \"ngram\" (prompt "
+                              "lookup) and \"self_draft\" (the target's first layers) are")
         if method not in SPEC_METHODS:
             raise ConfigError(f"speculative_config method must be one of {', '.join(SPEC_METHODS)}; got {method!r}")
         k = raw.get("num_speculative_tokens")
@@ -253,7 +255,11 @@ class SpeculativeConfig:
         by_batch = raw.get("disable_by_batch_size", 8)
         if not isinstance(by_batch, int) or isinstance(by_batch, bool) or by_batch < 1:
             raise ConfigError(f"speculative_config disable_by_batch_size must be a positive integer; got {by_batch!r}")
-        return cls(method, k, hi, lo, by_batch)
+        layers = raw.get("draft_layers")
+        if method == "self_draft" and (not isinstance(layers, int) or isinstance(layers, bool) or layers < 1):
+            raise ConfigError(f"speculative_config method self_draft needs draft_layers, a positive integer (how many "
+                              f"of the target's first layers draft); got {layers!r}")
+        return cls(method, k, hi, lo, by_batch, layers if method == "self_draft" else None)
 
 
 @dataclass(slots=True)

@@ -20,7 +20,7 @@ from engine.outputs import RequestOutput, SequenceOutputState
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
-from engine.spec_decode import AcceptanceGate, NgramProposer, SpecDecodeStats
+from engine.spec_decode import AcceptanceGate, NgramProposer, SelfDraftProposer, SpecDecodeStats
 from engine.tokenizer import Tokenizer
 from ops.backend import get_backend
 from ops.sampling import DeferredSample, SamplingTensors
@@ -214,6 +214,12 @@ class LLMEngine:
         if spec is None:
             self.async_scheduling = self._plain_async
             return
+        if proposer is None and spec.method == "self_draft":
+            layers = self.model_config.num_hidden_layers
+            if not spec.draft_layers < layers:
+                raise ConfigError(f"speculative_config draft_layers {spec.draft_layers} must be fewer than the "
+                                  f"model's {layers} layers")
+            proposer = SelfDraftProposer(self.runner, self.block_manager, spec.draft_layers)
         self.proposer = proposer or NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_max,
                                                   spec.prompt_lookup_min)
         self.gate = gate or AcceptanceGate()
@@ -231,6 +237,7 @@ class LLMEngine:
         # The running sequences are scheduled first and whole while the budget lasts: keep every proposal inside
         # it, so that no step computes a proposal without the rows that verify it.
         room = self.config.scheduler.max_num_batched_tokens - sum(s.num_tokens - s.num_computed_tokens for s in running)
+        wants = []
         for seq in running:
             if seq.num_computed_tokens != seq.num_tokens - 1 or seq.pending_row >= 0 \
                     or not self.gate.allows(seq.seq_id, self._steps):
@@ -238,12 +245,16 @@ class LLMEngine:
             k = min(spec.num_speculative_tokens, self.max_model_len - seq.num_tokens - 1, room)
             if seq.params.max_tokens is not None:
                 k = min(k, seq.params.max_tokens - seq.num_output_tokens - 1)
-            proposal = self.proposer.propose(seq.token_ids, k) if k > 0 else []
+            if k > 0:
+                wants.append((seq, k))
+                room -= k
+        batch = getattr(self.proposer, "propose_batch", None)  # a draft model drafts for the batch at once
+        proposals = batch(wants) if batch else [self.proposer.propose(seq.token_ids, k) for seq, k in wants]
+        for (seq, k), proposal in zip(wants, proposals):
             if proposal:  # a short one filled up to k (the verify graphs take k a sequence): more to accept, or not
                 proposal = proposal + [proposal[-1]] * (k - len(proposal))
                 seq.token_ids.extend(proposal)
                 seq.num_spec = len(proposal)
-                room -= len(proposal)
         self.spec_stats.draft_seconds += time.perf_counter() - t0
 
     def _drop_unscheduled_proposals(self, sched: SchedulerOutput) -> None:

@@ -77,6 +77,43 @@ class SpecDecodeStats:
         return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
 
+class SelfDraftProposer:
+    """Method "self_draft": the target's first `draft_layers` layers, its final norm and lm_head, greedy. Those
+    layers are the target's own weights on the same tokens, so their K/V are what the target computes there: the
+    draft writes straight into the target's cache (slots the verify step rewrites with the same values, or later
+    steps overwrite), and nothing has to be kept in step with the target."""
+
+    def __init__(self, runner, block_manager, draft_layers: int):
+        self.runner, self.block_manager, self.layers = runner, block_manager, draft_layers
+
+    def propose_batch(self, wants: list[tuple]) -> list[list[int]]:
+        """wants: (seq, k) of sequences in plain decode; the drafts, k tokens each ([] where no slots are left)."""
+        from engine.sampling_params import SamplingParams
+        from engine.scheduler import SchedulerOutput, ScheduledSeq
+        from ops.sampling import SamplingTensors
+
+        runner = self.runner
+        # the slots of the verify step's K + 1 positions, taken now (the scheduler's allocate finds them there)
+        drafting = [(seq, k) for seq, k in wants if self.block_manager.allocate(seq, k + 1)]
+        start = {id(seq): seq.num_tokens for seq, _ in drafting}
+        greedy = (SamplingParams(temperature=0.0), (), (), 0, ())
+        for j in range(max((k for _, k in drafting), default=0)):
+            active = [seq for seq, k in drafting if k > j]
+            sched = SchedulerOutput([ScheduledSeq(seq, seq.num_tokens - 1, 1) for seq in active])
+            input_ids, positions, meta = runner.prepare(sched)
+            hidden = runner.model.forward(*runner.upload(input_ids, positions, meta), runner.kv_caches, self.layers)
+            logits = runner.model.compute_logits(hidden)
+            ids = runner.backend.sample(logits, SamplingTensors.build([greedy] * len(active),
+                                                                      runner.config.vocab_size)).token_ids
+            for seq, token in zip(active, ids):
+                seq.token_ids.append(int(token))
+        drafts = {}
+        for seq, _ in drafting:
+            drafts[id(seq)] = seq.token_ids[start[id(seq)]:]
+            del seq.token_ids[start[id(seq)]:]
+        return [drafts.get(id(seq), []) for seq, _ in wants]
+
+
 class OracleProposer:
     """For measuring speculation where dummy weights make real proposals meaningless (`cupyllm benchmark
     --spec-acceptance`): knows each prompt's greedy continuation from a plain run and offers its true next

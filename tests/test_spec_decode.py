@@ -32,6 +32,7 @@ def test_ngram_proposes_what_followed_the_latest_longest_match():
     ('{"method": "ngram"', "not valid JSON"),
     ({"method": "eagle", "num_speculative_tokens": 2}, "method must be one of ngram"),
     ({"method": "draft_model", "model": "x", "num_speculative_tokens": 2}, "not implemented yet"),
+    ({"method": "self_draft", "num_speculative_tokens": 2}, "needs draft_layers"),
     ({"method": "ngram", "num_speculative_tokens": 0}, r"num_speculative_tokens must be an integer in \[1, 16\]"),
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 3, "prompt_lookup_max": 2}, "larger than"),
     ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 1}, "unknown keys"),
@@ -238,3 +239,29 @@ def test_emitted_tokens_follow_the_target_distribution(checkpoint, monkeypatch):
     bad = p_value(broken)
     print(f"broken rule: chi-square p-value {bad:.2e}")
     assert bad < 1e-3
+
+
+SELF_DRAFT = {"method": "self_draft", "num_speculative_tokens": 3, "draft_layers": 1}
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=PARAM_IDS)
+def test_output_identical_with_a_self_draft(checkpoint, rng, params):
+    """The target's first layer drafts 3 tokens a step, writing its K/V into the target's own cache: the output is
+    the plain output, and the cache gives every block back."""
+    path, _ = checkpoint("qwen2_untied")
+    kw = dict(model=path, device="numpy", max_model_len=256, max_num_seqs=8)
+    plain = LLMEngine(EngineConfig(**kw))
+    spec = LLMEngine(EngineConfig(speculative_config=SELF_DRAFT, **kw))
+    prompts = _prompts(rng)
+    assert_same_outputs(_outputs(spec, prompts, params), _outputs(plain, prompts, params))
+    stats = spec.spec_stats
+    print(f"self-draft: {stats.num_drafts} drafts, acceptance {stats.acceptance_rate:.2f}")
+    assert stats.num_drafts > 10
+    _no_leaks(spec)
+
+
+def test_self_draft_needs_fewer_layers_than_the_model(checkpoint):
+    path, _ = checkpoint("qwen2_untied")
+    with pytest.raises(ConfigError, match="draft_layers 9 must be fewer than the model's"):
+        LLMEngine(EngineConfig(model=path, device="numpy", max_model_len=256,
+                               speculative_config=dict(SELF_DRAFT, draft_layers=9)))

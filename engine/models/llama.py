@@ -165,9 +165,10 @@ class LlamaModel:
         """The projections are E4M3 (Fp8Weight): each GEMM input is quantized per token by the kernel making it."""
         return bool(self.layers) and isinstance(self.layers[0].qkv, Fp8Weight)
 
-    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> Any:
+    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches, num_layers: int | None = None) -> Any:
         """Hidden states after the final norm, [T, H]. kv_caches[i] = (k_cache, v_cache) of layer i.
-        The launches are fusion.plan(layer_ops(config, self.fp8)) per layer (tests/test_fusion.py)."""
+        The launches are fusion.plan(layer_ops(config, self.fp8)) per layer (tests/test_fusion.py).
+        num_layers: run only the first layers, then the final norm (the self-draft of speculative decoding)."""
         b, c = self.backend, self.config
         t, h, eps = input_ids.shape[0], c.hidden_size, c.rms_norm_eps
         fp8 = self.fp8 and t > quant.W8A16_MAX_TOKENS  # quantized GEMM inputs (else W8A16, or no FP8 at all)
@@ -185,7 +186,7 @@ class LlamaModel:
             norm, add_norm, silu = b.rms_norm, b.add_rms_norm, b.silu_and_mul
         b.embedding(input_ids, self.embed, residual)
         norm(residual, self.layers[0].input_norm, eps, xin)
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers[:num_layers]):
             k_cache, v_cache = kv_caches[i]
             if i > 0:
                 add_norm(hidden, residual, layer.input_norm, eps, xin)
