@@ -9,7 +9,8 @@ import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU
 
 from engine.config import EngineConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
-from tests.test_spec_decode import NGRAM, PARAM_IDS, PARAMS, KnownContinuation, _outputs, _prompts  # noqa: E402
+from tests.test_spec_decode import (NGRAM, PARAM_IDS, PARAMS, SELF_DRAFT, KnownContinuation, _no_leaks,  # noqa: E402
+                                    _outputs, _prompts)
 
 
 def _gpu_engines(path):
@@ -35,3 +36,14 @@ def test_gpu_output_identical_with_and_without_speculation(checkpoint, rng, para
         assert [t for t, _ in got] == [t for t, _ in want]
         if rate == 1.0:
             assert stats.acceptance_rate > 0.9
+
+
+def test_gpu_self_draft_output_identical(checkpoint, rng):
+    path, _ = checkpoint("qwen2_untied")
+    kw = dict(model=path, device="cuda", dtype="float16", max_model_len=256, max_num_seqs=8)
+    plain, spec = LLMEngine(EngineConfig(**kw)), LLMEngine(EngineConfig(speculative_config=SELF_DRAFT, **kw))
+    prompts = _prompts(rng)
+    for params in PARAMS:
+        assert [t for t, _ in _outputs(spec, prompts, params)] == [t for t, _ in _outputs(plain, prompts, params)]
+    print(f"self-draft: {spec.spec_stats.num_drafts} drafts, acceptance {spec.spec_stats.acceptance_rate:.2f}")
+    _no_leaks(spec)
