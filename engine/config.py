@@ -205,7 +205,7 @@ class SchedulerConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
-SPEC_METHODS = ("ngram", "self_draft")
+SPEC_METHODS = ("ngram", "self_draft", "draft_model")
 _SPEC_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size",
               "model", "draft_layers"}
 
@@ -213,14 +213,17 @@ _SPEC_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_l
 @dataclass(slots=True)
 class SpeculativeConfig:
     """vLLM's --speculative-config: {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_max": 4,
-    "prompt_lookup_min": 1}, or {"method": "self_draft", "num_speculative_tokens": K, "draft_layers": L} (the
-    target's first L layers draft); disable_by_batch_size: no speculation in steps with more running sequences."""
+    "prompt_lookup_min": 1}, {"method": "self_draft", "num_speculative_tokens": K, "draft_layers": L} (the
+    target's first L layers draft), or {"method": "draft_model", "model": PATH, "num_speculative_tokens": K} (a
+    smaller model with the same vocabulary); disable_by_batch_size: no speculation in steps with more running
+    sequences."""
     method: str
     num_speculative_tokens: int
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
     disable_by_batch_size: int = 8
     draft_layers: int | None = None
+    model: str | None = None  # draft_model: the draft's directory or Hugging Face name
 
     @classmethod
     def parse(cls, raw) -> SpeculativeConfig | None:
@@ -238,9 +241,6 @@ class SpeculativeConfig:
         if unknown:
             raise ConfigError(f"speculative_config: unknown keys {sorted(unknown)}; known: {sorted(_SPEC_KEYS)}")
         method = raw.get("method")
-        if method == "draft_model":
-            raise ConfigError("speculative_config method 'draft_model' is not implemented yet; \"ngram\" (prompt "
-                              "lookup) and \"self_draft\" (the target's first layers) are")
         if method not in SPEC_METHODS:
             raise ConfigError(f"speculative_config method must be one of {', '.join(SPEC_METHODS)}; got {method!r}")
         k = raw.get("num_speculative_tokens")
@@ -259,7 +259,12 @@ class SpeculativeConfig:
         if method == "self_draft" and (not isinstance(layers, int) or isinstance(layers, bool) or layers < 1):
             raise ConfigError(f"speculative_config method self_draft needs draft_layers, a positive integer (how many "
                               f"of the target's first layers draft); got {layers!r}")
-        return cls(method, k, hi, lo, by_batch, layers if method == "self_draft" else None)
+        model = raw.get("model")
+        if method == "draft_model" and (not isinstance(model, str) or not model):
+            raise ConfigError(f"speculative_config method draft_model needs model, the draft's directory or name; "
+                              f"got {model!r}")
+        return cls(method, k, hi, lo, by_batch, layers if method == "self_draft" else None,
+                   model if method == "draft_model" else None)
 
 
 @dataclass(slots=True)

@@ -20,7 +20,8 @@ from engine.outputs import RequestOutput, SequenceOutputState
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
-from engine.spec_decode import AcceptanceGate, NgramProposer, SelfDraftProposer, SpecDecodeStats
+from engine.spec_decode import (AcceptanceGate, DraftModelProposer, NgramProposer, SelfDraftProposer,
+                                SpecDecodeStats)
 from engine.tokenizer import Tokenizer
 from ops.backend import get_backend
 from ops.sampling import DeferredSample, SamplingTensors
@@ -220,6 +221,11 @@ class LLMEngine:
                 raise ConfigError(f"speculative_config draft_layers {spec.draft_layers} must be fewer than the "
                                   f"model's {layers} layers")
             proposer = SelfDraftProposer(self.runner, self.block_manager, spec.draft_layers)
+        if proposer is None and spec.method == "draft_model":
+            if self.runner.draft is None:
+                raise ConfigError("speculative_config method draft_model: the engine was built without its draft "
+                                  "(give the speculative config when the engine is made)")
+            proposer = DraftModelProposer(self.runner, self.block_manager)
         self.proposer = proposer or NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_max,
                                                   spec.prompt_lookup_min)
         self.gate = gate or AcceptanceGate()
@@ -266,6 +272,8 @@ class LLMEngine:
                 assert seq.num_computed_tokens < seq.num_tokens - seq.num_spec, "proposals partly scheduled"
                 del seq.token_ids[-seq.num_spec:]
                 seq.num_spec = 0
+            # a draft model's cache: valid up to the tokens that stand; a preempted sequence's blocks are gone
+            seq.draft_computed = 0 if seq.num_computed_tokens == 0 else min(seq.draft_computed, seq.num_tokens)
 
     def _verify(self, seq: Sequence, sampled, first: int) -> None:
         """Rows first .. first + K of `sampled` drew the tokens of the positions of seq's K proposals and the one
@@ -288,6 +296,7 @@ class LLMEngine:
         self.gate.update(seq.seq_id, self._steps, k, accepted)
         if not seq.is_finished:
             seq.num_computed_tokens = seq.num_tokens - 1  # the last draw's K/V is not in the cache yet
+            seq.draft_computed = min(seq.draft_computed, seq.num_computed_tokens)
             self.block_manager.rollback(seq, verified_from)
 
     def _add_placeholder(self, seq: Sequence, row: int) -> None:

@@ -16,7 +16,8 @@ def kv_bytes_per_block(runner, kv_cache_dtype: str = "auto") -> int:
     """K and V of one block in every layer: the model dtype's bytes an element, or one (an E4M3 code)."""
     c = runner.config
     itemsize = 1 if kv_cache_dtype != "auto" else np.dtype(runner.backend.dtype).itemsize
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * runner.block_size * c.head_dim * itemsize
+    draft = runner.draft.bytes_per_block(runner.block_size) if getattr(runner, "draft", None) else 0
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * runner.block_size * c.head_dim * itemsize + draft
 
 
 def profile_peak_bytes(runner, num_tokens: int) -> int:

@@ -36,6 +36,9 @@ class ModelRunner:
             self.model.load_weights(fetch)
         if "fp8" in (engine_config.quantization, model_config.quantization):
             self.model.quantize_linears(backend.quantize_weight)
+        spec = engine_config.speculative_config
+        self.draft = DraftModel(spec.model, engine_config, backend, model_config, self.max_model_len) \
+            if spec is not None and spec.method == "draft_model" else None
         backend.synchronize()
         self.stage_times["weights"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -55,6 +58,8 @@ class ModelRunner:
             logger.info("KV cache: fp8 e4m3, %d blocks of %d tokens, %.1f MiB (%d bytes a block and layer; fp16 would "
                         "take twice that)", self.num_blocks, self.block_size, self.kv_cache.nbytes / 2**20,
                         self.kv_cache[0, :, 0].nbytes)
+        if self.draft is not None:
+            self.draft.allocate_cache(self.num_blocks, self.block_size)
         self.stage_times["KV cache"] = time.perf_counter() - t0
         self.num_computed_tokens_total = 0  # tokens run through the model: tests check prefix hits skip work
         self.graphs = self.verify_graphs = None
@@ -175,6 +180,39 @@ class ModelRunner:
             self._last_sampled = out.token_ids
             return DeferredSample(lambda: out)
         return out
+
+
+class DraftModel:
+    """The draft of speculative method "draft_model": a smaller model of the same vocabulary, with a KV cache of its
+    own that the target's block tables index (same blocks, same slots), so the block manager serves both."""
+
+    def __init__(self, path: str, engine_config: EngineConfig, backend, target: ModelConfig, max_model_len: int):
+        from engine.config import ConfigError
+        from engine.loader import CheckpointWeights, DummyWeights, resolve_model_path
+        path = resolve_model_path(path)
+        self.config = c = ModelConfig.from_pretrained(path)
+        if c.vocab_size > target.vocab_size:  # fewer is padding the target has and the draft not (Qwen2.5 0.5B / 7B)
+            raise ConfigError(f"speculative_config model {path}: its vocabulary has {c.vocab_size} tokens, more than "
+                              f"the target's {target.vocab_size}; a draft must share the target's tokenizer")
+        weights = DummyWeights(engine_config.seed + 1) if engine_config.load_format == "dummy" else \
+            CheckpointWeights(path)
+        self.backend = backend
+        with weights:
+            weights.check(expected_shapes(c))
+            self.model = LlamaModel(c, backend, max_model_len)
+            with _fetcher(weights, backend) as fetch:
+                self.model.load_weights(fetch)
+        self.kv_caches = None
+
+    def bytes_per_block(self, block_size: int) -> int:
+        c = self.config
+        return 2 * c.num_hidden_layers * c.num_key_value_heads * block_size * c.head_dim * \
+            np.dtype(self.backend.dtype).itemsize
+
+    def allocate_cache(self, num_blocks: int, block_size: int) -> None:
+        c = self.config
+        cache = self.backend.zeros((c.num_hidden_layers, 2, num_blocks, c.num_key_value_heads, block_size, c.head_dim))
+        self.kv_caches = [(cache[i, 0], cache[i, 1]) for i in range(c.num_hidden_layers)]
 
 
 def _kv_scale(weights, layer: int, which: str, num_kv_heads: int) -> np.ndarray:

@@ -114,6 +114,51 @@ class SelfDraftProposer:
         return [drafts.get(id(seq), []) for seq, _ in wants]
 
 
+class DraftModelProposer:
+    """Method "draft_model": the runner's DraftModel drafts greedily. Each sequence's seq.draft_computed says how many
+    of its positions the draft's cache holds; a proposal first catches the draft up on the rest (the prompt, the
+    tokens accepted since) in the same forward that drafts the first token, then drafts one token a forward."""
+
+    def __init__(self, runner, block_manager):
+        self.runner, self.block_manager = runner, block_manager
+
+    def propose_batch(self, wants: list[tuple]) -> list[list[int]]:
+        from engine.scheduler import SchedulerOutput, ScheduledSeq
+
+        drafting = [(seq, k) for seq, k in wants if self.block_manager.allocate(seq, k + 1)]
+        start = {id(seq): seq.num_tokens for seq, _ in drafting}
+        if drafting:
+            self._draft([ScheduledSeq(seq, seq.draft_computed, seq.num_tokens - seq.draft_computed)
+                         for seq, _ in drafting])
+        for j in range(1, max((k for _, k in drafting), default=0)):
+            self._draft([ScheduledSeq(seq, seq.num_tokens - 1, 1) for seq, k in drafting if k > j])
+        drafts = {}
+        for seq, k in drafting:
+            seq.draft_computed = start[id(seq)] + k - 1  # the last draft's K/V is not in (it was never an input)
+            drafts[id(seq)] = seq.token_ids[start[id(seq)]:]
+            del seq.token_ids[start[id(seq)]:]
+        return [drafts.get(id(seq), []) for seq, _ in wants]
+
+    def _draft(self, scheduled) -> None:
+        """One draft forward over the scheduled spans; each sequence's greedy next token appended to its tokens."""
+        from engine.sampling_params import SamplingParams
+        from engine.scheduler import SchedulerOutput
+        from ops.sampling import SamplingTensors
+
+        runner, draft = self.runner, self.runner.draft
+        b = runner.backend
+        input_ids, positions, meta = runner.prepare(SchedulerOutput(scheduled))
+        vocab = draft.config.vocab_size  # ids past it are the target's padding rows: the draft reads token 0 there
+        input_ids = np.where(input_ids < vocab, input_ids, 0).astype(np.int32)
+        hidden = draft.model.forward(*runner.upload(input_ids, positions, meta), draft.kv_caches)
+        rows = b.from_host(np.asarray(meta.query_start_loc[1:] - 1, np.int32))
+        greedy = (SamplingParams(temperature=0.0), (), (), 0, ())
+        ids = b.sample(draft.model.compute_logits(hidden[rows]),
+                       SamplingTensors.build([greedy] * len(scheduled), draft.config.vocab_size)).token_ids
+        for s, token in zip(scheduled, ids):
+            s.seq.token_ids.append(int(token))
+
+
 class OracleProposer:
     """For measuring speculation where dummy weights make real proposals meaningless (`cupyllm benchmark
     --spec-acceptance`): knows each prompt's greedy continuation from a plain run and offers its true next
