@@ -163,11 +163,12 @@ def speculation_rows(engine, spec, args, ns, rng, vocab) -> list[dict]:
             r.update(n=n, acceptance_target=a, k=spec.num_speculative_tokens, spec_gate=args.spec_gate,
                      acceptance_rate=round(stats.acceptance_rate, 4), drafts=stats.num_drafts,
                      mean_accepted_length=round(stats.mean_accepted_length, 3),
+                     draft_s=round(stats.draft_seconds, 3), verify_s=round(stats.verify_seconds, 3),
                      speedup=round(r["tok_s"] / plain["tok_s"], 3))
             rows.append(r)
             print(f"N={n:<4} a={a:<5}    {r['tok_s']:>9.1f} tok/s  step p50 {r['step_ms_p50']:.2f} ms  x{r['speedup']:.2f}"
                   f"  accepted {r['acceptance_rate']:.2f}, {r['mean_accepted_length']:.2f} tokens a verify, "
-                  f"{r['drafts']} verifies")
+                  f"{r['drafts']} verifies, draft {r['draft_s']:.2f} s, verify {r['verify_s']:.2f} s")
     for r in rows:
         r.update(input_len=args.input_len, output_len=args.output_len)
     return rows

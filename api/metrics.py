@@ -178,4 +178,9 @@ class Metrics:
                        "# TYPE vllm:spec_decode_num_accepted_tokens_per_pos_total counter\n")
             for pos, n in enumerate(sp.accepted_per_pos):
                 out.append(f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{{lb},position="{pos}"}} {float(n)!r}\n')
+            # vLLM has no names for these two: cupyllm's own
+            scalar("cupyllm:spec_decode_draft_seconds_total", "counter", "Seconds spent proposing (drafting).",
+                   float(sp.draft_seconds))
+            scalar("cupyllm:spec_decode_verify_seconds_total", "counter", "Seconds of steps that verified proposals.",
+                   float(sp.verify_seconds))
         return "".join(out).encode()

@@ -166,7 +166,10 @@ class LLMEngine:
             try:
                 sampling_seqs = [s.seq for s in sched.scheduled if s.samples]
                 tensors = self._sampling_tensors(sampling_seqs) if sampling_seqs else None
+                t0 = time.perf_counter()
                 result = self.runner.execute(sched, tensors, defer=self.async_scheduling)
+                if self.spec is not None and any(s.seq.num_spec for s in sched.scheduled):
+                    self.spec_stats.verify_seconds += time.perf_counter() - t0  # sampled ids are on the host
             except FatalEngineError:
                 raise
             except Exception as e:

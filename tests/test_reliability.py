@@ -189,6 +189,7 @@ def test_speculation_through_preemption_keeps_outputs_and_counts_in_metrics(tmp_
         m = srv.wait_idle()
         assert m["vllm:num_preemptions_total"] > 0 and m["vllm:spec_decode_num_drafts_total"] > 0
         assert m["vllm:spec_decode_num_accepted_tokens_total"] <= m["vllm:spec_decode_num_draft_tokens_total"]
+        assert m["cupyllm:spec_decode_verify_seconds_total"] > 0
         assert m["vllm:kv_cache_usage_perc"] == 0.0
         alone = [srv.post("/v1/completions", b) for b in bodies]
         for t, a in zip(together, alone):
