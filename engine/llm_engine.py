@@ -20,8 +20,7 @@ from engine.outputs import RequestOutput, SequenceOutputState
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
-from engine.spec_decode import (AcceptanceGate, DraftModelProposer, NgramProposer, SelfDraftProposer,
-                                SpecDecodeStats)
+from engine.spec_decode import AcceptanceGate, GreedyDraftProposer, NgramProposer, SpecDecodeStats
 from engine.tokenizer import Tokenizer
 from ops.backend import get_backend
 from ops.sampling import DeferredSample, SamplingTensors
@@ -223,12 +222,15 @@ class LLMEngine:
             if not spec.draft_layers < layers:
                 raise ConfigError(f"speculative_config draft_layers {spec.draft_layers} must be fewer than the "
                                   f"model's {layers} layers")
-            proposer = SelfDraftProposer(self.runner, self.block_manager, spec.draft_layers)
+            proposer = GreedyDraftProposer(self.runner, self.block_manager, self.runner.model, self.runner.kv_caches,
+                                           spec.draft_layers)
         if proposer is None and spec.method == "draft_model":
-            if self.runner.draft is None:
+            draft = self.runner.draft
+            if draft is None:
                 raise ConfigError("speculative_config method draft_model: the engine was built without its draft "
                                   "(give the speculative config when the engine is made)")
-            proposer = DraftModelProposer(self.runner, self.block_manager)
+            proposer = GreedyDraftProposer(self.runner, self.block_manager, draft.model, draft.kv_caches,
+                                           own_cache=True)
         self.proposer = proposer or NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_max,
                                                   spec.prompt_lookup_min)
         self.gate = gate or AcceptanceGate()

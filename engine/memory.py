@@ -12,12 +12,17 @@ from ops.metadata import AttentionMetadata
 logger = logging.getLogger(__name__)
 
 
+def cache_bytes_per_block(c, block_size: int, itemsize: int) -> int:
+    """K and V of one block in every layer of model config `c`."""
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * block_size * c.head_dim * itemsize
+
+
 def kv_bytes_per_block(runner, kv_cache_dtype: str = "auto") -> int:
-    """K and V of one block in every layer: the model dtype's bytes an element, or one (an E4M3 code)."""
-    c = runner.config
+    """The target's K and V of one block in every layer (the model dtype's bytes an element, or one: an E4M3
+    code), and a draft model's beside them."""
     itemsize = 1 if kv_cache_dtype != "auto" else np.dtype(runner.backend.dtype).itemsize
-    draft = runner.draft.bytes_per_block(runner.block_size) if getattr(runner, "draft", None) else 0
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * runner.block_size * c.head_dim * itemsize + draft
+    draft = runner.draft.bytes_per_block(runner.block_size) if runner.draft is not None else 0
+    return cache_bytes_per_block(runner.config, runner.block_size, itemsize) + draft
 
 
 def profile_peak_bytes(runner, num_tokens: int) -> int:
@@ -57,7 +62,7 @@ def kv_blocks_from_memory(runner, cfg) -> int:
     logger.info("memory: %.2f GiB total, %.2f GiB in use after weights, %.2f GiB activation peak "
                 "(%d tokens): %d KV blocks%s (%.2f GiB), %.1f sequences of %d tokens", total / 2**30,
                 (total - free) / 2**30, peak / 2**30, tokens, blocks,
-                " of fp8 e4m3, twice what fp16 would fit" if cfg.kv_cache_dtype != "auto" else "",
+                " of fp8 e4m3 (a byte an element, half the model dtype's)" if cfg.kv_cache_dtype != "auto" else "",
                 blocks * per_block / 2**30,
                 blocks * runner.block_size / cfg.scheduler.max_model_len, cfg.scheduler.max_model_len)
     if blocks < 1:

@@ -44,14 +44,11 @@ class ModelRunner:
         t0 = time.perf_counter()
         self.num_blocks = engine_config.cache.num_blocks or self._auto_num_blocks(engine_config)
         c = model_config
-        # One allocation for all layers: [layers, k/v, blocks, Hkv, block_size, D].
-        shape = (c.num_hidden_layers, 2, self.num_blocks, c.num_key_value_heads, self.block_size, c.head_dim)
         if engine_config.kv_cache_dtype == "auto":
-            self.kv_cache = backend.zeros(shape)
-            self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(c.num_hidden_layers)]
+            self.kv_cache, self.kv_caches = _paged_cache(backend, c, self.num_blocks, self.block_size)
         else:  # E4M3 codes, a byte an element: a quarter of the numpy backend's float32, half of fp16
             from ops.quant import Fp8Cache
-            self.kv_cache = backend.zeros(shape, dtype=np.uint8)
+            self.kv_cache, _ = _paged_cache(backend, c, self.num_blocks, self.block_size, np.uint8)
             self.kv_caches = [tuple(Fp8Cache(self.kv_cache[i, j],
                                              backend.from_host(_kv_scale(weights, i, "kv"[j], c.num_key_value_heads)))
                                     for j in range(2)) for i in range(c.num_hidden_layers)]
@@ -205,14 +202,17 @@ class DraftModel:
         self.kv_caches = None
 
     def bytes_per_block(self, block_size: int) -> int:
-        c = self.config
-        return 2 * c.num_hidden_layers * c.num_key_value_heads * block_size * c.head_dim * \
-            np.dtype(self.backend.dtype).itemsize
+        from engine.memory import cache_bytes_per_block
+        return cache_bytes_per_block(self.config, block_size, np.dtype(self.backend.dtype).itemsize)
 
     def allocate_cache(self, num_blocks: int, block_size: int) -> None:
-        c = self.config
-        cache = self.backend.zeros((c.num_hidden_layers, 2, num_blocks, c.num_key_value_heads, block_size, c.head_dim))
-        self.kv_caches = [(cache[i, 0], cache[i, 1]) for i in range(c.num_hidden_layers)]
+        _, self.kv_caches = _paged_cache(self.backend, self.config, num_blocks, block_size)
+
+
+def _paged_cache(backend, c: ModelConfig, num_blocks: int, block_size: int, dtype=None):
+    """One allocation for all layers, [layers, k/v, blocks, Hkv, block_size, D], and each layer's (K, V) views."""
+    cache = backend.zeros((c.num_hidden_layers, 2, num_blocks, c.num_key_value_heads, block_size, c.head_dim), dtype)
+    return cache, [(cache[i, 0], cache[i, 1]) for i in range(c.num_hidden_layers)]
 
 
 def _kv_scale(weights, layer: int, which: str, num_kv_heads: int) -> np.ndarray:

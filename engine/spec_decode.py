@@ -77,64 +77,38 @@ class SpecDecodeStats:
         return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
 
-class SelfDraftProposer:
-    """Method "self_draft": the target's first `draft_layers` layers, its final norm and lm_head, greedy. Those
-    layers are the target's own weights on the same tokens, so their K/V are what the target computes there: the
-    draft writes straight into the target's cache (slots the verify step rewrites with the same values, or later
-    steps overwrite), and nothing has to be kept in step with the target."""
+class GreedyDraftProposer:
+    """Greedy drafting over the paged cache, for two methods:
+    - "self_draft": the target's first `num_layers` layers, its final norm and lm_head. Those layers are the
+      target's own weights on the same tokens, so their K/V are what the target computes there: the draft writes
+      straight into the target's cache (slots the verify step rewrites with the same values, or later steps
+      overwrite), and it is always caught up.
+    - "draft_model": the runner's DraftModel, with a cache of its own (`own_cache`): seq.draft_computed says how
+      many of a sequence's positions it holds, and the first forward of a proposal also catches it up on the rest
+      (the prompt, the tokens accepted since).
+    A proposal's first forward drafts the first token; then one token a forward."""
 
-    def __init__(self, runner, block_manager, draft_layers: int):
-        self.runner, self.block_manager, self.layers = runner, block_manager, draft_layers
+    def __init__(self, runner, block_manager, model, kv_caches, num_layers: int | None = None,
+                 own_cache: bool = False):
+        self.runner, self.block_manager = runner, block_manager
+        self.model, self.kv_caches, self.num_layers, self.own_cache = model, kv_caches, num_layers, own_cache
 
     def propose_batch(self, wants: list[tuple]) -> list[list[int]]:
         """wants: (seq, k) of sequences in plain decode; the drafts, k tokens each ([] where no slots are left)."""
-        from engine.sampling_params import SamplingParams
-        from engine.scheduler import SchedulerOutput, ScheduledSeq
-        from ops.sampling import SamplingTensors
+        from engine.scheduler import ScheduledSeq
 
-        runner = self.runner
         # the slots of the verify step's K + 1 positions, taken now (the scheduler's allocate finds them there)
         drafting = [(seq, k) for seq, k in wants if self.block_manager.allocate(seq, k + 1)]
         start = {id(seq): seq.num_tokens for seq, _ in drafting}
-        greedy = (SamplingParams(temperature=0.0), (), (), 0, ())
-        for j in range(max((k for _, k in drafting), default=0)):
-            active = [seq for seq, k in drafting if k > j]
-            sched = SchedulerOutput([ScheduledSeq(seq, seq.num_tokens - 1, 1) for seq in active])
-            input_ids, positions, meta = runner.prepare(sched)
-            hidden = runner.model.forward(*runner.upload(input_ids, positions, meta), runner.kv_caches, self.layers)
-            logits = runner.model.compute_logits(hidden)
-            ids = runner.backend.sample(logits, SamplingTensors.build([greedy] * len(active),
-                                                                      runner.config.vocab_size)).token_ids
-            for seq, token in zip(active, ids):
-                seq.token_ids.append(int(token))
-        drafts = {}
-        for seq, _ in drafting:
-            drafts[id(seq)] = seq.token_ids[start[id(seq)]:]
-            del seq.token_ids[start[id(seq)]:]
-        return [drafts.get(id(seq), []) for seq, _ in wants]
-
-
-class DraftModelProposer:
-    """Method "draft_model": the runner's DraftModel drafts greedily. Each sequence's seq.draft_computed says how many
-    of its positions the draft's cache holds; a proposal first catches the draft up on the rest (the prompt, the
-    tokens accepted since) in the same forward that drafts the first token, then drafts one token a forward."""
-
-    def __init__(self, runner, block_manager):
-        self.runner, self.block_manager = runner, block_manager
-
-    def propose_batch(self, wants: list[tuple]) -> list[list[int]]:
-        from engine.scheduler import SchedulerOutput, ScheduledSeq
-
-        drafting = [(seq, k) for seq, k in wants if self.block_manager.allocate(seq, k + 1)]
-        start = {id(seq): seq.num_tokens for seq, _ in drafting}
         if drafting:
-            self._draft([ScheduledSeq(seq, seq.draft_computed, seq.num_tokens - seq.draft_computed)
-                         for seq, _ in drafting])
+            self._draft([ScheduledSeq(seq, first, seq.num_tokens - first) for seq, _ in drafting
+                         for first in [seq.draft_computed if self.own_cache else seq.num_computed_tokens]])
         for j in range(1, max((k for _, k in drafting), default=0)):
             self._draft([ScheduledSeq(seq, seq.num_tokens - 1, 1) for seq, k in drafting if k > j])
         drafts = {}
         for seq, k in drafting:
-            seq.draft_computed = start[id(seq)] + k - 1  # the last draft's K/V is not in (it was never an input)
+            if self.own_cache:
+                seq.draft_computed = start[id(seq)] + k - 1  # the last draft's K/V is not in (never an input)
             drafts[id(seq)] = seq.token_ids[start[id(seq)]:]
             del seq.token_ids[start[id(seq)]:]
         return [drafts.get(id(seq), []) for seq, _ in wants]
@@ -145,16 +119,16 @@ class DraftModelProposer:
         from engine.scheduler import SchedulerOutput
         from ops.sampling import SamplingTensors
 
-        runner, draft = self.runner, self.runner.draft
+        runner, model = self.runner, self.model
         b = runner.backend
         input_ids, positions, meta = runner.prepare(SchedulerOutput(scheduled))
-        vocab = draft.config.vocab_size  # ids past it are the target's padding rows: the draft reads token 0 there
+        vocab = model.config.vocab_size  # ids past it are the target's padding rows: the draft reads token 0 there
         input_ids = np.where(input_ids < vocab, input_ids, 0).astype(np.int32)
-        hidden = draft.model.forward(*runner.upload(input_ids, positions, meta), draft.kv_caches)
+        hidden = model.forward(*runner.upload(input_ids, positions, meta), self.kv_caches, self.num_layers)
         rows = b.from_host(np.asarray(meta.query_start_loc[1:] - 1, np.int32))
         greedy = (SamplingParams(temperature=0.0), (), (), 0, ())
-        ids = b.sample(draft.model.compute_logits(hidden[rows]),
-                       SamplingTensors.build([greedy] * len(scheduled), draft.config.vocab_size)).token_ids
+        ids = b.sample(model.compute_logits(hidden[rows]), SamplingTensors.build([greedy] * len(scheduled), vocab)
+                       ).token_ids
         for s, token in zip(scheduled, ids):
             s.seq.token_ids.append(int(token))
 
