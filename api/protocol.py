@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, StructuredOutputs
 
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs; OpenAI allows 0..20 too
 MAX_N = 128  # choices per prompt; a bound so one request cannot queue thousands of sequences
@@ -172,8 +172,6 @@ def _stream_options(body: dict, stream: bool) -> bool:
 
 def _sampling_kwargs(body: dict) -> dict:
     """The sampling fields common to completions and chat, as SamplingParams keyword arguments."""
-    for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"):
-        _reject(body, name, "structured output is not implemented")
     _reject(body, "use_beam_search", "beam search is not implemented", (None, False))
     kw = dict(
         n=_int(body, "n", None, 1, MAX_N),
@@ -199,15 +197,60 @@ def _sampling_kwargs(body: dict) -> dict:
     best_of = _int(body, "best_of")
     if best_of is not None and best_of != (kw["n"] or 1):
         raise APIError("'best_of' is not supported yet: only best_of equal to n", param="best_of")
-    _response_format(body)
+    kw["structured_outputs"] = structured_outputs(body)
     return {k: v for k, v in kw.items() if v is not None}
 
 
-def _response_format(body: dict) -> None:
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+def structured_outputs(body: dict) -> StructuredOutputs | None:
+    """The output constraint of a request, from whichever one field gives it: OpenAI's `response_format`, vLLM's
+    `structured_outputs` object, or vLLM's older `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`.
+    Its grammar is compiled (and a bad one refused) by the serving layer, off the event loop."""
+    given = {}
     fmt = _object(body, "response_format")
     if fmt is not None and fmt.get("type", "text") != "text":
-        raise APIError(f"'response_format' of type {fmt.get('type')!r:.50} is not supported yet: "
-                       "only {\"type\": \"text\"}", param="response_format")
+        given["response_format"] = _response_format(fmt)
+    so = _object(body, "structured_outputs")
+    if so is not None:
+        known = ("json", "regex", "choice", "grammar", "json_object", "disable_any_whitespace")
+        unknown = sorted(set(so) - set(known) - {"backend", "whitespace_pattern", "structural_tag"})
+        if unknown:
+            raise APIError(f"'structured_outputs' has unknown fields {unknown}; allowed: {', '.join(known)}",
+                           param="structured_outputs")
+        _reject(so, "structural_tag", "structural tags")
+        _reject(so, "whitespace_pattern", "a custom whitespace pattern (disable_any_whitespace is)")
+        given["structured_outputs"] = {k: so[k] for k in known if so.get(k) is not None}
+    for name, kind in _GUIDED.items():
+        if body.get(name) is not None:
+            given[name] = {kind: body[name]}
+    _reject(body, "guided_whitespace_pattern", "a custom whitespace pattern")
+    if not given:
+        return None
+    if len(given) > 1:
+        raise APIError(f"give one output constraint, not several: got {', '.join(given)}", param=next(iter(given)))
+    (param, fields), = given.items()
+    if isinstance(fields.get("choice"), list):
+        fields["choice"] = tuple(fields["choice"])
+    try:
+        return StructuredOutputs(**fields)
+    except ValueError as e:
+        raise APIError(str(e).replace("structured_outputs", param, 1), param=param) from None
+
+
+def _response_format(fmt: dict) -> dict:
+    kind = fmt.get("type")
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise APIError("'response_format' of type json_schema needs 'json_schema': {name, schema: an object, "
+                           "strict}", param="response_format")
+        return {"json": spec.get("schema") or {"type": "object"}}  # no schema: any JSON object, as vLLM does
+    raise APIError(f"'response_format' type must be one of text, json_object, json_schema; got {kind!r:.50}",
+                   param="response_format")
 
 
 def make_sampling_params(kwargs: dict) -> SamplingParams:

@@ -337,6 +337,7 @@ class OpenAIServing:
             if not prompts[-1]:
                 raise APIError("the prompt is empty: give at least one token", param="prompt")
         params = [self._params(req.sampling, len(ids), req.max_tokens) for ids in prompts]
+        await self.check_constraint(params[0])
         job = CompletionJob(self, req, f"cmpl-{uuid.uuid4().hex}", texts, prompts, params)
         self._log_request(job.request_id, req.prompts, params)
         return await _started(job)
@@ -346,9 +347,22 @@ class OpenAIServing:
         self.admit(1, req.sampling.get("n", 1))
         ids = await self.chat_prompt_ids(req.messages, req.add_generation_prompt, req.template_kwargs)
         params = self._params(req.sampling, len(ids), req.max_tokens)
+        await self.check_constraint(params)
         job = ChatJob(self, req, f"chatcmpl-{uuid.uuid4().hex}", [ids], [params])
         self._log_request(job.request_id, [req.messages], [params])
         return await _started(job)
+
+    async def check_constraint(self, params: SamplingParams) -> None:
+        """Compile the request's structured-output grammar on a worker thread (cached per constraint, so the engine
+        thread only copies it): a bad schema, regex or grammar is a 400 before anything is queued."""
+        spec = params.structured_outputs
+        if spec is None:
+            return
+        try:
+            compiler = self.engine.engine.grammar_compiler
+            await asyncio.to_thread(compiler.validate, spec)
+        except ValueError as e:
+            raise APIError(str(e), param="structured_outputs") from None
 
     async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         """Token ids of `text`; a long text is encoded on a worker thread so the event loop keeps serving."""

@@ -6,6 +6,7 @@ the model runner and engine/outputs.py.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -91,12 +92,27 @@ class LLMEngine:
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None \
             else self.runner.graphs is not None
         self._plain_async = self.async_scheduling
+        self._grammar_compiler = None
+        self._grammar_lock = threading.Lock()
         self.spec = None
         self.enable_speculation(config.speculative_config)
         logger.info("engine ready in %.2f s: %s on %s, %d KV blocks (%d tokens), max_model_len %d, "
                     "decode graphs %s, one step ahead %s", time.perf_counter() - t0, mc.architecture,
                     self.backend.name, num_blocks, num_blocks * config.cache.block_size, self.max_model_len,
                     "on" if self.runner.graphs is not None else "off", "on" if self.async_scheduling else "off")
+
+    @property
+    def grammar_compiler(self):
+        """Compiles structured-output constraints (engine/structured.py); made at first use (llguidance reads the
+        tokenizer, about a second for a 150K vocabulary). The API validates with it off the event loop."""
+        with self._grammar_lock:
+            if self._grammar_compiler is None:
+                if self.tokenizer is None:
+                    raise ValueError("structured outputs need the tokenizer; this engine runs with skip_tokenizer_init")
+                from engine.structured import GrammarCompiler
+                self._grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
+                                                         self.eos_token_ids)
+            return self._grammar_compiler
 
     # requests
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
@@ -113,6 +129,9 @@ class LLMEngine:
         for i in range(params.n):
             seed = params.seed + i if params.seed is not None else int(self._rng.integers(2 ** 63))
             seqs.append(Sequence(request_id, i, ids, params, seed, arrival_time))
+        if params.structured_outputs is not None:  # compiled (or found in the cache) before anything is queued
+            for s in seqs:
+                s.grammar = self.grammar_compiler.matcher(params.structured_outputs)
         states = [SequenceOutputState(self.tokenizer, s) for s in seqs]
         self.requests[request_id] = Request(request_id, ids, params, seqs, states, seqs[0].arrival_time)
         for s in seqs:
@@ -157,9 +176,12 @@ class LLMEngine:
         if self.spec is not None:
             self._drop_unscheduled_proposals(sched)
         touched: dict[str, Request] = {}
-        if in_flight is not None and (sched.is_empty or not self.runner.one_step_ahead(sched)):
-            self._land(in_flight, touched)  # this step needs the ids on the host
+        if in_flight is not None and (sched.is_empty or not self.runner.one_step_ahead(sched)
+                                      or any(s.seq.grammar is not None for s in sched.scheduled)):
+            self._land(in_flight, touched)  # this step needs the ids on the host (a grammar's mask needs them too)
             in_flight = None
+            # A sequence the landed token finished (EOS, a stop string) has no blocks any more: it must not run.
+            sched.scheduled = [s for s in sched.scheduled if not s.seq.is_finished]
         result, sampling_seqs = None, []
         if not sched.is_empty:
             try:
@@ -250,7 +272,7 @@ class LLMEngine:
         room = self.config.scheduler.max_num_batched_tokens - sum(s.num_tokens - s.num_computed_tokens for s in running)
         wants = []
         for seq in running:
-            if seq.num_computed_tokens != seq.num_tokens - 1 or seq.pending_row >= 0 \
+            if seq.num_computed_tokens != seq.num_tokens - 1 or seq.pending_row >= 0 or seq.grammar is not None \
                     or not self.gate.allows(seq.seq_id, self._steps):
                 continue
             k = min(spec.num_speculative_tokens, self.max_model_len - seq.num_tokens - 1, room)
@@ -329,17 +351,34 @@ class LLMEngine:
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         """A row per sampled position: a sequence with K proposals has K + 1, row j seeing the first j proposals
         as output (penalty history, min_tokens, the sampler's step counter), as it would without speculation."""
-        rows = []
+        rows, constrained = [], []
         for seq in seqs:
             p = seq.params
             end = seq.num_tokens - seq.num_spec
+            if seq.grammar is not None:  # never speculates: one row
+                constrained.append(len(rows))
             for j in range(seq.num_spec + 1):
                 outputs = seq.token_ids[seq.num_prompt_tokens:end + j]
                 banned = ()
-                if len(outputs) < p.min_tokens:
-                    banned = tuple(p.stop_token_ids or ()) + (() if p.ignore_eos else tuple(self.eos_token_ids))
+                if len(outputs) < p.min_tokens:  # a grammar decides when EOS may come (else it could ban all)
+                    eos = () if p.ignore_eos or seq.grammar is not None else tuple(self.eos_token_ids)
+                    banned = tuple(p.stop_token_ids or ()) + eos
                 rows.append((p, seq.prompt_token_ids, outputs, seq.seed, banned))
-        return SamplingTensors.build(rows, self.model_config.vocab_size)
+        return SamplingTensors.build(rows, self.model_config.vocab_size, self._token_mask(seqs, rows, constrained))
+
+    def _token_mask(self, seqs: list[Sequence], rows: list, constrained: list[int]) -> np.ndarray | None:
+        """The grammar bitmask of every sampling row (all ones where unconstrained), None when no row has one."""
+        if not constrained:
+            return None
+        compiler = self.grammar_compiler
+        grammars = [seq.grammar for seq in seqs if seq.grammar is not None]
+        masks = np.empty((len(grammars), compiler.mask_words), np.int32)
+        compiler.fill_masks(grammars, masks)
+        if len(constrained) == len(rows):
+            return masks
+        mask = np.full((len(rows), compiler.mask_words), -1, np.int32)
+        mask[constrained] = masks
+        return mask
 
     def _append_token(self, seq: Sequence, sampled, row: int) -> None:
         token = int(sampled.token_ids[row])
@@ -358,6 +397,8 @@ class LLMEngine:
             seq.logprobs.append((token, float(sampled.logprobs[row]), top))
         p = seq.params
         state = self.requests[seq.request_id].states[seq.index]
+        # a grammar that is complete (only EOS could follow) or refused the token ends the sequence
+        grammar_done = seq.grammar is not None and (not seq.grammar.accept(token) or seq.grammar.done)
         past_min = seq.num_output_tokens >= p.min_tokens
         stop = state.append(seq, token, check_stops=past_min)
         if past_min and not p.ignore_eos and token in self.eos_token_ids:
@@ -368,6 +409,8 @@ class LLMEngine:
             self._finish(seq, state, "stop", stop)
         elif self._ends_by_length(seq):
             self._finish(seq, state, "length", None)
+        elif grammar_done:
+            self._finish(seq, state, "stop", None)
 
     def _ends_by_length(self, seq: Sequence, pending: int = 0) -> bool:
         """Whether `seq`, with `pending` more tokens, has reached max_tokens or max_model_len."""

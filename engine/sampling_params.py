@@ -49,6 +49,49 @@ def _token_ids(name: str, values) -> tuple[int, ...]:
     return tuple(int(token_id) for token_id in ids)
 
 
+_GUIDE_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutputs:
+    """vLLM's StructuredOutputsParams: exactly one constraint on the output. json: a JSON schema (an object, or its
+    JSON text); regex; choice: the output is one of these strings; grammar: Lark or GBNF/EBNF; json_object: any
+    JSON object; disable_any_whitespace: JSON output without optional whitespace. engine/structured.py compiles it (llguidance) and checks it is valid."""
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    disable_any_whitespace: bool = False  # JSON without optional whitespace (vLLM's option of the same name)
+
+    def __post_init__(self):
+        given = [k for k in _GUIDE_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("structured_outputs must set exactly one of json, regex, choice, grammar, json_object; "
+                             f"got {', '.join(given) or 'none'}")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise ValueError(f"structured_outputs.json must be a JSON schema object, got {type(self.json).__name__}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string, got {value!r:.80}")
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not hasattr(self.choice, "__iter__"):
+                raise ValueError(f"structured_outputs.choice must be a list of strings, got {self.choice!r:.80}")
+            choice = tuple(self.choice)
+            if not choice or not all(isinstance(c, str) and c for c in choice):
+                raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings, "
+                                 f"got {self.choice!r:.80}")
+            object.__setattr__(self, "choice", choice)
+        for name in ("json_object", "disable_any_whitespace"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"structured_outputs.{name} must be true or false, got {getattr(self, name)!r}")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in _GUIDE_KINDS if getattr(self, k) not in (None, False))
+
+
 @dataclass(slots=True)
 class SamplingParams:
     n: int = 1
@@ -70,6 +113,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    structured_outputs: StructuredOutputs | None = None  # a grammar the output must follow (engine/structured.py)
 
     def __post_init__(self):
         if not _is_int(self.n) or self.n < 1:
@@ -97,6 +141,9 @@ class SamplingParams:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         self._check_logit_bias()
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputs):
+            raise ValueError("structured_outputs must be a StructuredOutputs, got "
+                             f"{type(self.structured_outputs).__name__}")
         if self.greedy and self.n > 1:
             raise ValueError(f"n must be 1 when using greedy sampling (temperature 0), got {self.n}")
 

@@ -24,7 +24,7 @@ class Sequence:
     __slots__ = ("seq_id", "request_id", "index", "token_ids", "num_prompt_tokens", "params", "seed",
                  "arrival_time", "status", "num_computed_tokens", "num_cached_tokens", "block_table",
                  "block_hashes", "finish_reason", "stop_reason", "logprobs", "first_token_time", "pending_row",
-                 "num_spec", "draft_computed")
+                 "num_spec", "draft_computed", "grammar")
 
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
                  seed: int, arrival_time: float | None = None):
@@ -51,6 +51,7 @@ class Sequence:
         # the last num_spec tokens are proposals (speculative decoding) the next step verifies, not output yet
         self.num_spec = 0
         self.draft_computed = 0  # positions whose K/V a draft model (speculative decoding) holds in its own cache
+        self.grammar = None  # structured output: its engine.structured.SequenceGrammar, advanced per sampled token
 
     @property
     def num_tokens(self) -> int:

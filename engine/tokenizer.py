@@ -139,6 +139,10 @@ class Tokenizer:
             template = _pick_template(_read_json(os.path.join(model_dir, "chat_template.json")).get("chat_template"))
         return template
 
+    def backend_json(self) -> str:
+        """The fast tokenizer serialized (tokenizer.json's text): what llguidance builds its token trie from."""
+        return self._backend.to_str()
+
     def id_to_token(self, token_id: int | None) -> str | None:
         return None if token_id is None else self._backend.id_to_token(int(token_id))
 

@@ -9,6 +9,11 @@ launch (ops/cuda/sampling.SamplingBuffers), and the only copy back is the sample
 logprobs, or with more penalty history or logit-bias entries than the buffers hold, samples eagerly from
 the graph's logits instead (same kernel, same Philox draws: the same tokens).
 
+Structured outputs: a step's token mask (SamplingTensors.token_mask) travels in the same load and the graph's
+sampling applies it to its logits first (ops/kernels/token_mask.cu), so a masked step still samples in the graph;
+after a load without a mask, or when the step samples eagerly (which masks the logits itself), the captured mask
+kernel does nothing.
+
 Verify graphs (speculative decoding): the same with query_len = K + 1 rows per sequence, all of them sampled;
 the prefill attention kernel runs them (its grid depends on query_len only, not on the context).
 
@@ -155,14 +160,17 @@ class DecodeGraphs:
         cp, n = self.cp, len(input_ids)  # token rows: sequences x query_len
         size = padded_size(self.sizes, len(meta.seq_lens))
         stream = cp.cuda.get_current_stream()
+        # a token mask does not matter here: any batch that fits the buffers fits its mask too
         in_graph = sampling.num_logprobs < 0 and self.sampling_buffers.fits(sampling)
         if in_graph:
             self.sampling_buffers.load(sampling)
+        else:  # the graph's own sampling reads stale parameters: its mask, if any, must not touch the logits
+            self.sampling_buffers.clear_mask()
         self._stage(input_ids, positions, meta, src, size, stream)
         self.graphs[size].launch(stream)
         self.steps += 1
         self.steps_sampled_in_graph += in_graph
-        if not in_graph:
+        if not in_graph:  # the eager sampler loads its own buffers, token mask included, and applies it
             return self._sampling.sample(self.logits[size][:n], sampling)
         if not (defer and sampling.ids_only):
             return SamplerOutput(self.sampled[:n].get(stream), None, None, None)

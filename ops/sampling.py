@@ -64,6 +64,9 @@ class SamplingTensors:
     logit_bias_ids: np.ndarray  # int32[B, Nb], -1 padded, unique within a row
     logit_bias_values: np.ndarray  # float32[B, Nb]; -inf bans the token (min_tokens, stop ids)
     num_logprobs: int = -1  # top alternatives to return, the max over rows; -1 = no row wants logprobs
+    # Structured output: int32[B, ceil(V / 32)], bit (id & 31) of word (id >> 5) set = token allowed (llguidance's
+    # layout); rows without a grammar are all ones. None = no row is constrained (the sampler does nothing for it).
+    token_mask: np.ndarray | None = None
     all_greedy: bool = field(init=False)
     no_penalties: bool = field(init=False)
     no_top_k_p: bool = field(init=False)
@@ -78,6 +81,13 @@ class SamplingTensors:
                 raise ValueError(f"SamplingTensors.{name} must be a {np.dtype(dtype).name} array with "
                                  f"{ndim} dims and {batch} rows, got {getattr(value, 'dtype', type(value))} "
                                  f"{getattr(value, 'shape', '')}")
+        if self.token_mask is not None and (not isinstance(self.token_mask, np.ndarray)
+                                            or self.token_mask.dtype != np.int32 or self.token_mask.ndim != 2
+                                            or self.token_mask.shape[0] != batch
+                                            or not self.token_mask.flags.c_contiguous):
+            raise ValueError(f"SamplingTensors.token_mask must be a C-contiguous int32 array [{batch}, ceil(V / 32)], "
+                             f"got {getattr(self.token_mask, 'dtype', type(self.token_mask))} "
+                             f"{getattr(self.token_mask, 'shape', '')}")
         if self.logit_bias_ids.shape != self.logit_bias_values.shape:
             raise ValueError("SamplingTensors.logit_bias_ids and logit_bias_values must have one shape, got "
                              f"{self.logit_bias_ids.shape} and {self.logit_bias_values.shape}")
@@ -94,7 +104,7 @@ class SamplingTensors:
         return self.no_penalties and self.num_logprobs < 0
 
     @classmethod
-    def build(cls, rows: Sequence[tuple], vocab_size: int) -> SamplingTensors:
+    def build(cls, rows: Sequence[tuple], vocab_size: int, token_mask: np.ndarray | None = None) -> SamplingTensors:
         """rows: (params: SamplingParams, prompt_ids, output_ids, seed: int, banned_ids) per sequence."""
         temperature, top_k, top_p, min_p, penalties, seeds, steps = [], [], [], [], [], [], []
         num_logprobs = -1
@@ -118,7 +128,7 @@ class SamplingTensors:
                    np.ascontiguousarray(penalties[:, 1]), np.ascontiguousarray(penalties[:, 2]),
                    np.array(seeds, np.uint64), np.array(steps, np.int64),
                    _pad_rows([row[1] for row in rows], repetition), _pad_rows([row[2] for row in rows], any_penalty),
-                   bias_ids, bias_values, num_logprobs)
+                   bias_ids, bias_values, num_logprobs, token_mask)
 
 
 def _pad_rows(seqs: list, wanted: np.ndarray) -> np.ndarray:
@@ -208,9 +218,22 @@ def apply_penalties(logits: np.ndarray, t: SamplingTensors) -> None:
         _penalize(logits.reshape(-1), t, logits.shape[1], _penalty_entries(t, logits.shape[1]))
 
 
+def apply_token_mask(logits, mask: np.ndarray) -> None:
+    """logits[b, id] = -inf in place wherever bit id of row b of `mask` (int32[B, ceil(V / 32)]) is clear."""
+    vocab_size = logits.shape[1]
+    if mask.shape != (len(logits), -(-vocab_size // 32)):
+        raise ValueError(f"token_mask must have shape [{len(logits)}, {-(-vocab_size // 32)}] for logits "
+                         f"{logits.shape}, got {mask.shape}")
+    allowed = np.unpackbits(mask.view(np.uint8), axis=1, bitorder="little")[:, :vocab_size]
+    logits[allowed == 0] = -np.inf
+
+
 def sample(logits: np.ndarray, t: SamplingTensors) -> SamplerOutput:
-    """One token per row of logits: float32[B, V], left as it was on return (bias and penalties are undone)."""
+    """One token per row of logits: float32[B, V]. Bias and penalties are undone on return; a token mask stays
+    applied (tokens a grammar forbids are -inf, also in the logprobs, as in vLLM)."""
     _check_logits(logits, t)
+    if t.token_mask is not None:
+        apply_token_mask(logits, t.token_mask)
     batch, vocab_size = logits.shape
     flat = logits.reshape(-1)
     bias = _bias_entries(t, vocab_size) if t.logit_bias_ids.size else None
