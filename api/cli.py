@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from api import bench_serve, benchmark, jit_cli  # standard library and numpy only at import
 from api.bench_target import positive_int
+from api.tool_parsers import PARSERS as TOOL_PARSERS
 
 logger = logging.getLogger("cupyllm")
 
@@ -75,6 +76,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $CUPYLLM_API_KEY or $VLLM_API_KEY)")
     p.add_argument("--chat-template", help="chat template file, or the template itself (default: the model's)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="let the model decide when to call tools (tool_choice auto); needs --tool-call-parser")
+    p.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS),
+                   help="how the model writes tool calls: hermes (Qwen2.5, Qwen3), llama3_json (Llama 3.1+), mistral")
     p.add_argument("--generation-config", default="auto",
                    help="auto: use the model's generation_config.json; vllm: ignore it")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
@@ -194,6 +199,9 @@ class Stage:
 
 def run_serve(args: argparse.Namespace) -> int:
     from api.server import create_app
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise CLIError("--enable-auto-tool-choice needs --tool-call-parser (one of "
+                       f"{', '.join(sorted(TOOL_PARSERS))})")
     from engine.async_engine import AsyncLLMEngine
     from engine.llm_engine import LLMEngine
 
@@ -210,7 +218,8 @@ def run_serve(args: argparse.Namespace) -> int:
         logger.info("  %s: %.2f s", stage, seconds)
     engine = AsyncLLMEngine(llm)
     app = create_app(engine, served, api_key, args.max_request_body_bytes, max_waiting=args.max_waiting_requests,
-                     log_prompts=args.log_prompts, shutdown_timeout=args.shutdown_timeout)
+                     log_prompts=args.log_prompts, shutdown_timeout=args.shutdown_timeout,
+                     tool_parser=args.tool_call_parser if args.enable_auto_tool_choice else None)
 
     @app.after_server_start
     async def ready(app):

@@ -322,12 +322,53 @@ class ChatRequest:
     template_kwargs: dict = field(default_factory=dict)
     logprobs: bool = False
     top_logprobs: int = 0
+    tools: list | None = None  # the function tools the chat template sees (None: no tools, or tool_choice none)
+    tool_choice: str | dict = "none"  # "none", "auto", "required" or {"type": "function", "function": {"name"}}
+
+
+def _tools(body: dict) -> tuple[list | None, str | dict, bool]:
+    """tools, tool_choice (default "auto" with tools, "none" without) and parallel_tool_calls, checked."""
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise APIError("'tools' must be a list of {type: function, function: {name, description, parameters}}",
+                           param="tools")
+        for i, tool in enumerate(tools):
+            function = tool.get("function") if isinstance(tool, dict) else None
+            if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function, dict):
+                raise APIError(f"tools[{i}] must be {{type: function, function: {{name, parameters}}}}", param="tools")
+            if not isinstance(function.get("name"), str) or not function["name"]:
+                raise APIError(f"tools[{i}].function.name must be a non-empty string", param="tools")
+            if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
+                raise APIError(f"tools[{i}].function.parameters must be a JSON schema object", param="tools")
+    tools = tools or None
+    choice = body.get("tool_choice")
+    if choice is None:
+        choice = "auto" if tools else "none"
+    named = isinstance(choice, dict)
+    if not named and choice not in ("none", "auto", "required"):
+        raise APIError(f"'tool_choice' must be none, auto, required or {{type: function, function: {{name}}}}; got "
+                       f"{choice!r:.80}", param="tool_choice")
+    if (named or choice == "required") and not tools:
+        raise APIError("'tool_choice' that forces a tool call needs 'tools'", param="tool_choice")
+    parallel = _bool(body, "parallel_tool_calls", True)
+    return tools, choice, parallel
+
+
+def _forced_tool_schema(tools: list, choice, parallel: bool) -> StructuredOutputs:
+    """The constraint that makes a "required" or named tool_choice's output parse: api/tool_parsers.py says how."""
+    from api.tool_parsers import tool_call_schema
+    try:
+        schema = tool_call_schema(tools, choice)
+    except ValueError as e:
+        raise APIError(str(e), param="tool_choice") from None
+    if not parallel and choice == "required":
+        schema = {**schema, "maxItems": 1}
+    return StructuredOutputs(json=schema, disable_any_whitespace=True)
 
 
 def parse_chat(body: dict) -> ChatRequest:
-    if body.get("tools"):
-        raise APIError("'tools' is not supported yet: tool calling is not implemented", param="tools")
-    _reject(body, "tool_choice", "tool calling is not implemented", (None, "none", "auto"))
+    tools, tool_choice, parallel = _tools(body)
     _reject(body, "functions", "function calling is not implemented")
     _reject(body, "function_call", "function calling is not implemented", (None, "none"))
     _reject(body, "chat_template", "a per-request chat template; the server's --chat-template is used")
@@ -344,6 +385,11 @@ def parse_chat(body: dict) -> ChatRequest:
     sampling = _sampling_kwargs(body)
     if logprobs:
         sampling["logprobs"] = top_logprobs or 0
+    if tool_choice == "required" or isinstance(tool_choice, dict):
+        if "structured_outputs" in sampling:
+            raise APIError("a tool_choice that forces a tool call constrains the output itself: give no "
+                           "response_format or structured_outputs with it", param="tool_choice")
+        sampling["structured_outputs"] = _forced_tool_schema(tools, tool_choice, parallel)
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     template_kwargs = _object(body, "chat_template_kwargs") or {}
     if not all(isinstance(k, str) and k.isidentifier() and k not in RESERVED_TEMPLATE_VARS for k in template_kwargs):
@@ -351,7 +397,8 @@ def parse_chat(body: dict) -> ChatRequest:
                        f"{', '.join(RESERVED_TEMPLATE_VARS)}", param="chat_template_kwargs")
     return ChatRequest(_str(body, "model"), messages, _int(body, name, None, 1), sampling, stream,
                        _stream_options(body, stream), bool(_bool(body, "add_generation_prompt", True)),
-                       template_kwargs, logprobs, top_logprobs or 0)
+                       template_kwargs, logprobs, top_logprobs or 0, tools if tool_choice != "none" else None,
+                       tool_choice)
 
 
 def parse_tokenize(body: dict) -> dict:

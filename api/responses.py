@@ -75,8 +75,9 @@ def chat_body(request_id: str, created: int, model: str, choices: list[dict], us
                          "choices": choices, "usage": usage_, "system_fingerprint": None})
 
 
-def chat_choice(index: int, text: str, logprobs: dict | None, finish_reason, stop_reason) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text, "tool_calls": []},
+def chat_choice(index: int, text: str | None, logprobs: dict | None, finish_reason, stop_reason,
+                tool_calls: list | None = None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text, "tool_calls": tool_calls or []},
             "logprobs": logprobs, "finish_reason": finish_reason, "stop_reason": stop_reason}
 
 
@@ -115,8 +116,12 @@ class ChatChunks(_Chunks):
 
     def choice(self, index: int, text: str, logprobs: dict | None = None, finish_reason=None,
                stop_reason=None) -> bytes:
-        choice = {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
-                  "finish_reason": finish_reason}
+        return self.delta(index, {"content": text} if text else {}, logprobs, finish_reason, stop_reason)
+
+    def delta(self, index: int, delta: dict, logprobs: dict | None = None, finish_reason=None,
+              stop_reason=None) -> bytes:
+        """A chunk with any delta body: content, or tool_calls fragments (api/chat_tools.py)."""
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         if finish_reason is not None:
             choice["stop_reason"] = stop_reason
         return self._choice(choice)

@@ -55,7 +55,8 @@ def error_response(e: APIError, headers: dict | None = None) -> HTTPResponse:
 def create_app(engine, served_model_names: list[str] | None = None, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                stats: Callable[[], EngineStats] | None = None, max_waiting: int = DEFAULT_MAX_WAITING,
-               log_prompts: bool = False, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> Sanic:
+               log_prompts: bool = False, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+               tool_parser: str | None = None) -> Sanic:
     """The server around `engine`; `stats` reads the gauges (default: from engine.engine's scheduler).
 
     Run in the main thread (`cupyllm serve`), SIGTERM drains: see `Drain`.
@@ -64,7 +65,8 @@ def create_app(engine, served_model_names: list[str] | None = None, api_key: str
     names = list(served_model_names or [llm.config.model])
     metrics = Metrics(names[0], stats or (lambda: engine_stats(engine)), llm.max_model_len)
     serving = OpenAIServing(engine, llm.tokenizer, names, llm.max_model_len, llm.model_config.vocab_size,
-                            metrics, model_root=llm.config.model, max_waiting=max_waiting, log_prompts=log_prompts)
+                            metrics, model_root=llm.config.model, max_waiting=max_waiting, log_prompts=log_prompts,
+                            tool_parser=tool_parser)
     app = Sanic(f"cupyllm_{next(_app_ids)}", configure_logging=False)
     app.config.REQUEST_MAX_SIZE = max_body_bytes
     app.config.RESPONSE_TIMEOUT = 7 * 24 * 3600  # generations may stream for a long time

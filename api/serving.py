@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import orjson
 
 from api import responses as R
+from api.chat_tools import ChoiceTools
 from api.metrics import Metrics
 from api.protocol import APIError, ChatRequest, CompletionRequest, make_sampling_params
 from engine.errors import EngineDeadError, RequestFailedError
@@ -233,10 +234,22 @@ class ChatJob(_Job):
             return None
         return R.chat_logprobs(entries, self.serving.token_text, self.req.top_logprobs)
 
+    def _tools(self) -> ChoiceTools | None:
+        """Per choice: how its text becomes content and tool calls (None: plain content)."""
+        req = self.req
+        if req.tools is None or req.tool_choice == "none":
+            return None
+        return ChoiceTools(req.tool_choice, self.serving.tool_parser)
+
     async def response(self) -> bytes:
         texts, logprobs, finish, stop, tokens = await self.collect()
-        choices = [R.chat_choice(k, text, self._logprobs(logprobs[k]), finish[k], stop[k])
-                   for k, text in enumerate(texts)]
+        choices = []
+        for k, text in enumerate(texts):
+            tools, calls = self._tools(), None
+            if tools is not None:
+                text, calls = tools.whole(text)
+                finish[k] = tools.finish_reason(finish[k])
+            choices.append(R.chat_choice(k, text, self._logprobs(logprobs[k]), finish[k], stop[k], calls))
         return R.chat_body(self.request_id, self.created, self.serving.model_name, choices, self.usage(tokens))
 
     async def _chunks(self) -> AsyncIterator[bytes]:
@@ -244,12 +257,21 @@ class ChatJob(_Job):
         for k in range(self.n):
             yield build.role(k)
         tokens = 0
+        tools = [self._tools() for _ in range(self.n)]
         async for _, out in self.stream:
             for o in out.outputs:
                 tokens += len(o.token_ids)
                 lp = self._logprobs(o.logprobs) if o.logprobs else None
-                if o.text or lp or o.finish_reason is not None:
-                    yield build.choice(o.index, o.text, lp, o.finish_reason, o.stop_reason)
+                t = tools[o.index]
+                if t is None:
+                    if o.text or lp or o.finish_reason is not None:
+                        yield build.choice(o.index, o.text, lp, o.finish_reason, o.stop_reason)
+                    continue
+                deltas = t.feed(o.text) + (t.finish() if o.finish_reason is not None else [])
+                for delta in deltas:
+                    yield build.delta(o.index, delta)
+                if lp or o.finish_reason is not None:
+                    yield build.delta(o.index, {}, lp, t.finish_reason(o.finish_reason), o.stop_reason)
         if self.req.include_usage:
             yield build.usage(self.usage(tokens))
 
@@ -257,8 +279,9 @@ class ChatJob(_Job):
 class OpenAIServing:
     def __init__(self, engine, tokenizer, served_names: list[str], max_model_len: int, vocab_size: int,
                  metrics: Metrics, model_root: str = "", max_waiting: int = DEFAULT_MAX_WAITING,
-                 log_prompts: bool = False):
+                 log_prompts: bool = False, tool_parser: str | None = None):
         self.engine = engine
+        self.tool_parser = tool_parser  # --tool-call-parser when --enable-auto-tool-choice: tool_choice "auto" works
         self.max_waiting = max_waiting
         self.log_prompts = log_prompts  # prompts reach the log only when the operator asked (--log-prompts)
         self.draining = False  # set on SIGTERM: new generations get 503 while running ones finish
@@ -345,7 +368,11 @@ class OpenAIServing:
     async def chat(self, req: ChatRequest) -> ChatJob:
         self.check_model(req.model)
         self.admit(1, req.sampling.get("n", 1))
-        ids = await self.chat_prompt_ids(req.messages, req.add_generation_prompt, req.template_kwargs)
+        if req.tool_choice == "auto" and req.tools and self.tool_parser is None:
+            raise APIError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+                           param="tool_choice")
+        template_kwargs = {**req.template_kwargs, "tools": req.tools} if req.tools else req.template_kwargs
+        ids = await self.chat_prompt_ids(req.messages, req.add_generation_prompt, template_kwargs)
         params = self._params(req.sampling, len(ids), req.max_tokens)
         await self.check_constraint(params)
         job = ChatJob(self, req, f"chatcmpl-{uuid.uuid4().hex}", [ids], [params])

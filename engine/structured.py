@@ -98,6 +98,16 @@ class GrammarCompiler:
 
     def _compile(self, key: tuple):
         spec = StructuredOutputs(**{key[0]: key[1]}, disable_any_whitespace=key[2])
+        try:
+            return self._build(spec)
+        except GrammarError:
+            raise
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # llguidance's Rust side may raise anything, a panic included: still the input's
+            raise GrammarError(f"structured output: cannot compile the {spec.kind}: {type(e).__name__}: {e}") from None
+
+    def _build(self, spec: StructuredOutputs):
         grammar = grammar_source(spec)
         error = self._llg.LLMatcher.validate_grammar(grammar, self.tokenizer)
         if error:

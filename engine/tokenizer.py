@@ -209,8 +209,23 @@ def normalize_messages(messages: Sequence[Mapping]) -> list[dict]:
         elif content is not None and not isinstance(content, str):
             raise ValueError(f"messages[{index}].content must be a string or a list of text parts, "
                              f"got {type(content).__name__}")
+        if isinstance(message.get("tool_calls"), list):
+            message["tool_calls"] = [_template_tool_call(call) for call in message["tool_calls"]]
         normalized.append(message)
     return normalized
+
+
+def _template_tool_call(call):
+    """An assistant message's tool call as HF chat templates expect it: OpenAI sends function.arguments as JSON
+    text, the templates (Qwen's, Llama's) write `arguments | tojson`, so they get the parsed object."""
+    function = call.get("function") if isinstance(call, Mapping) else None
+    if not isinstance(function, Mapping) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return call  # not JSON: the template sees the text as sent
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 def _raise_exception(message: str):

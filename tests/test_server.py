@@ -344,7 +344,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, "'suffix' is not supported yet"),
     ("/v1/chat/completions", {}, "'messages' must be a non-empty list"),
     ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
-     "'tools' is not supported yet"),
+     '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'),
     ("/v1/chat/completions", {**CHAT, "response_format": {"type": "xml"}}, "'response_format' type must be one of"),
     ("/v1/chat/completions", {**CHAT, "chat_template": "{{ messages }}"}, "'chat_template' is not supported yet"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
