@@ -16,6 +16,12 @@ from pathlib import Path
 import numpy as np
 
 HISTORY = Path(__file__).resolve().parent.parent / "perf" / "history.jsonl"
+# --structured: a JSON schema every request follows, that no output of --output-len tokens can complete (so every
+# request still makes exactly output_len tokens), visiting keys, strings and numbers as an extraction would.
+BENCH_SCHEMA = {"type": "array", "minItems": 1000, "items": {
+    "type": "object", "additionalProperties": False, "required": ["name", "count", "tags"],
+    "properties": {"name": {"type": "string", "maxLength": 16}, "count": {"type": "integer"},
+                   "tags": {"type": "array", "maxItems": 3, "items": {"type": "string", "maxLength": 8}}}}}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "one), same prompts; prints tok/s against the plain run's")
     p.add_argument("--spec-gate", default="on", choices=("on", "off"),
                    help="off: speculate every step whatever the acceptance (the verify step's cost curve)")
+    p.add_argument("--structured", action="store_true",
+                   help="per N, a plain run then one with a JSON schema on every request (BENCH_SCHEMA; the model "
+                        "directory needs a tokenizer: perf/synthetic_tokenizer.py writes a stand-in of 152K tokens)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="append one JSON line per N to this file")
     p.add_argument("--no-history", action="store_true", help="do not append to perf/history.jsonl")
@@ -71,6 +80,12 @@ def run(args: argparse.Namespace) -> int:
     if args.spec_acceptance is not None:
         engine.enable_speculation(None)  # the plain runs; its verify graphs stay captured
         rows = speculation_rows(engine, spec, args, ns, rng, vocab)
+        record(rows, args, engine)
+        return 0
+    if args.structured:
+        if not has_tokenizer and args.model:
+            raise SystemExit(f"--structured needs {args.model}/tokenizer.json (perf/synthetic_tokenizer.py writes one)")
+        rows = structured_rows(engine, args, ns, rng, vocab)
         record(rows, args, engine)
         return 0
     for n in ns:
@@ -174,12 +189,39 @@ def speculation_rows(engine, spec, args, ns, rng, vocab) -> list[dict]:
     return rows
 
 
+def structured_rows(engine, args, ns, rng, vocab) -> list[dict]:
+    """Per N: a plain greedy run, then the same prompts with BENCH_SCHEMA on every request."""
+    from engine.sampling_params import StructuredOutputs
+    spec = StructuredOutputs(json=BENCH_SCHEMA)
+    t0 = time.perf_counter()
+    engine.grammar_compiler.validate(spec)  # the tokenizer's trie and the schema, once: start-up, not the run
+    compile_s = time.perf_counter() - t0
+    print(f"structured outputs: tokenizer + schema compiled in {compile_s:.2f} s")
+    rows = []
+    for n in ns:
+        prompts = [rng.integers(0, vocab, args.input_len).tolist() for _ in range(n)]
+        measure(engine, rng, vocab, n, args.input_len, 8, prompts)  # warm-up
+        plain = measure(engine, rng, vocab, n, args.input_len, args.output_len, prompts)
+        measure(engine, rng, vocab, n, args.input_len, 8, prompts, structured=spec)
+        r = measure(engine, rng, vocab, n, args.input_len, args.output_len, prompts, structured=spec)
+        plain.update(n=n, structured=False)
+        r.update(n=n, structured=True, vs_plain=round(r["tok_s"] / plain["tok_s"], 3), compile_s=round(compile_s, 2))
+        rows += [plain, r]
+        print(f"N={n:<4} plain {plain['tok_s']:>9.1f} tok/s, JSON schema {r['tok_s']:>9.1f} tok/s (x{r['vs_plain']:.3f}); "
+              f"step p50 {plain['step_ms_p50']:.2f} / {r['step_ms_p50']:.2f} ms")
+    for r in rows:
+        r.pop("first_token_epoch", None)
+        r.update(input_len=args.input_len, output_len=args.output_len)
+    return rows
+
+
 def measure(engine, rng, vocab: int, n: int, input_len: int, output_len: int, prompts=None,
-            outputs: dict | None = None) -> dict:
-    """Greedy generation of n requests (random prompts unless given); `outputs` collects prompt -> output ids."""
+            outputs: dict | None = None, structured=None) -> dict:
+    """Greedy generation of n requests (random prompts unless given); `outputs` collects prompt -> output ids;
+    `structured`: a StructuredOutputs every request follows."""
     from engine.sampling_params import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, structured_outputs=structured)
     start = time.perf_counter()
     first_token: dict[str, float] = {}
     prompts = prompts or [rng.integers(0, vocab, input_len).tolist() for _ in range(n)]
@@ -225,7 +267,9 @@ def _w8a16(args) -> dict:
 def record(rows: list[dict], args: argparse.Namespace, engine) -> None:
     card = engine.backend.device_name() if engine.backend.name == "cuda" else "cpu"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    base = dict(bench="spec_benchmark" if args.spec_acceptance is not None else "engine_benchmark",
+    bench = "spec_benchmark" if args.spec_acceptance is not None else \
+        "structured_benchmark" if args.structured else "engine_benchmark"
+    base = dict(bench=bench,
                 date=datetime.date.today().isoformat(),
                 commit=commit or "unknown (no git here)", card=card,
                 model=os.path.basename(os.path.normpath(args.model)) if args.model else "demo",
@@ -236,7 +280,8 @@ def record(rows: list[dict], args: argparse.Namespace, engine) -> None:
                                                                 "output_len", "dtype", "quantization") and v)
                 + (f" --kv-cache-dtype {args.kv_cache_dtype}" if args.kv_cache_dtype != "auto" else "")
                 + (f" --speculative-config '{args.speculative_config}' --spec-acceptance {args.spec_acceptance}"
-                   f" --spec-gate {args.spec_gate}" if args.spec_acceptance is not None else ""))
+                   f" --spec-gate {args.spec_gate}" if args.spec_acceptance is not None else "")
+                + (" --structured" if args.structured else ""))
     lines = [json.dumps({**base, **r}, sort_keys=True) + "\n" for r in rows]
     targets = ([args.json] if args.json else []) + ([] if args.no_history else [str(HISTORY)])
     for path in targets:

@@ -272,18 +272,28 @@ class CompletionRequest:
     logprobs: int | None = None
 
 
+def _prompt_logprobs(body: dict, stream: bool) -> int | None:
+    """vLLM's `prompt_logprobs`: the logprob of every prompt token and this many best alternatives (0..20). Like
+    vLLM, refused with stream=true unless 0 (a stream's chunks have no field for them)."""
+    value = _int(body, "prompt_logprobs", None, 0, MAX_LOGPROBS)
+    if stream and value:
+        raise APIError("`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs")
+    return value
+
+
 def parse_completion(body: dict) -> CompletionRequest:
     _reject(body, "suffix", "insertion (suffix) is not implemented")
-    _reject(body, "prompt_logprobs", "prompt logprobs are not implemented")
     stream = bool(_bool(body, "stream", False))
     echo = bool(_bool(body, "echo", False))
     logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
-    if echo and logprobs is not None:
-        raise APIError("'echo' together with 'logprobs' is not supported yet: it needs prompt logprobs",
-                       param="echo")
+    prompt_logprobs = _prompt_logprobs(body, stream)
     sampling = _sampling_kwargs(body)
     if logprobs is not None:
         sampling["logprobs"] = logprobs
+    if prompt_logprobs is None and echo and logprobs is not None:
+        prompt_logprobs = logprobs  # the echoed prompt's logprobs, with as many alternatives (vLLM does the same)
+    if prompt_logprobs is not None:
+        sampling["prompt_logprobs"] = prompt_logprobs
     max_tokens = 16
     if "max_tokens" in body:  # an explicit null means up to the context length, as in vLLM
         max_tokens = _int(body, "max_tokens", None, 1)

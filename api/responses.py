@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import orjson
 
-from engine.outputs import TokenLogprob
+from engine.outputs import PromptLogprob, TokenLogprob
 
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -34,15 +34,20 @@ def _lp(value: float) -> float:
 def completion_logprobs(entries: list[TokenLogprob], token_text: TokenText, text_offset: int) -> tuple[dict, int]:
     """The legacy completions logprobs object, and the text offset after its last token.
 
-    `text_offset` is where the first token's text starts in the choice's text.
+    `text_offset` is where the first token's text starts in the choice's text. An entry whose logprob is None
+    (an echoed prompt's first token) has null token_logprobs and top_logprobs, as in vLLM.
     """
     tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
     for token_id, logprob, top in entries:
         text = token_text(token_id)
         tokens.append(text)
-        token_logprobs.append(_lp(logprob))
         offsets.append(text_offset)
         text_offset += len(text)
+        if logprob is None:
+            token_logprobs.append(None)
+            top_logprobs.append(None)
+            continue
+        token_logprobs.append(_lp(logprob))
         alternatives = {token_text(i): _lp(v) for i, v in top}
         alternatives.setdefault(text, _lp(logprob))  # the sampled token is always listed, as in vLLM
         top_logprobs.append(alternatives)
@@ -65,9 +70,33 @@ def completion_body(request_id: str, created: int, model: str, choices: list[dic
                          "choices": choices, "usage": usage_, "system_fingerprint": None})
 
 
-def completion_choice(index: int, text: str, logprobs: dict | None, finish_reason, stop_reason) -> dict:
+def echo_logprob_entries(prompt_ids: list[int], prompt_logprobs: list[PromptLogprob | None],
+                         top_n: int) -> list[tuple]:
+    """The echoed prompt's entries of the legacy logprobs (completion_logprobs' form): the first token without a
+    logprob, then each token's with at most `top_n` alternatives."""
+    entries = [(prompt_ids[0], None, None)]
+    entries += [(token_id, logprob, top[:top_n]) for token_id, logprob, _, top in prompt_logprobs[1:]]
+    return entries
+
+
+def prompt_logprobs_list(prompt_logprobs: list[PromptLogprob | None] | None, token_text: TokenText) -> list | None:
+    """vLLM's `prompt_logprobs` of a completion choice: null for the first prompt token, then per token
+    {token id: {logprob, rank, decoded_token}} of the prompt token and its best alternatives (ranks 1..N)."""
+    if prompt_logprobs is None:
+        return None
+    out = [None]
+    for token_id, logprob, rank, top in prompt_logprobs[1:]:
+        entry = {str(token_id): {"logprob": _lp(logprob), "rank": rank, "decoded_token": token_text(token_id)}}
+        for r, (i, v) in enumerate(top, 1):  # the prompt token among them takes its place's rank, as in vLLM
+            entry[str(i)] = {"logprob": _lp(v), "rank": r, "decoded_token": token_text(i)}
+        out.append(entry)
+    return out
+
+
+def completion_choice(index: int, text: str, logprobs: dict | None, finish_reason, stop_reason,
+                      prompt_logprobs: list | None = None) -> dict:
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
-            "stop_reason": stop_reason, "prompt_logprobs": None}
+            "stop_reason": stop_reason, "prompt_logprobs": prompt_logprobs}
 
 
 def chat_body(request_id: str, created: int, model: str, choices: list[dict], usage_: dict) -> bytes:

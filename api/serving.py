@@ -159,7 +159,7 @@ class _Job:
         logprobs: list[list] = [[] for _ in range(num)]
         finish, stop = [None] * num, [None] * num
         tokens = 0
-        async for i, out in self.stream:
+        async for i, out in self._outputs():
             for o in out.outputs:
                 k = i * self.n + o.index
                 texts[k].append(o.text)
@@ -179,6 +179,10 @@ class _Job:
             yield R.sse(to_api_error(e).to_dict())
         yield R.DONE
 
+    def _outputs(self) -> AsyncIterator:
+        """The engine stream of (prompt index, RequestOutput); a subclass may look at them as they pass."""
+        return self.stream
+
     def _chunks(self) -> AsyncIterator[bytes]:
         raise NotImplementedError
 
@@ -188,19 +192,40 @@ class CompletionJob(_Job):
         super().__init__(serving, request_id, prompts, params)
         self.req = req
         self.prompt_texts = prompt_texts
+        # per prompt, the engine's prompt logprobs (SamplingParams.prompt_logprobs, also set for echo + logprobs):
+        # they come with its request's first output
+        self.prompt_logprobs: list[list | None] = [None] * len(prompts)
 
     def _echo(self, i: int) -> str:
         return self.prompt_texts[i] if self.req.echo else ""
+
+    def _echo_entries(self, i: int) -> list:
+        """The legacy logprobs entries of prompt i when it is echoed (they lead the choice's), else none."""
+        if not self.req.echo or self.prompt_logprobs[i] is None:
+            return []
+        return R.echo_logprob_entries(self.prompt_ids[i], self.prompt_logprobs[i], self.req.logprobs)
+
+    async def _outputs(self) -> AsyncIterator:
+        """The engine stream, keeping each prompt's prompt logprobs aside as they pass."""
+        async for i, out in self.stream:
+            if out.prompt_logprobs is not None:
+                self.prompt_logprobs[i] = out.prompt_logprobs
+            yield i, out
 
     async def response(self) -> bytes:
         texts, logprobs, finish, stop, tokens = await self.collect()
         choices = []
         for k, text in enumerate(texts):
-            prefix = self._echo(k // self.n)
+            i = k // self.n
+            prefix = self._echo(i)
             lp = None
             if self.req.logprobs is not None:
-                lp, _ = R.completion_logprobs(logprobs[k], self.serving.token_text, len(prefix))
-            choices.append(R.completion_choice(k, prefix + text, lp, finish[k], stop[k]))
+                echoed = self._echo_entries(i)  # with these, the offsets start at the prompt's first token
+                lp, _ = R.completion_logprobs(echoed + logprobs[k], self.serving.token_text,
+                                              0 if echoed else len(prefix))
+            choices.append(R.completion_choice(k, prefix + text, lp, finish[k], stop[k],
+                                               R.prompt_logprobs_list(self.prompt_logprobs[i],
+                                                                      self.serving.token_text)))
         return R.completion_body(self.request_id, self.created, self.serving.model_name, choices,
                                  self.usage(tokens))
 
@@ -208,16 +233,17 @@ class CompletionJob(_Job):
         build = R.CompletionChunks(self.request_id, self.created, self.serving.model_name)
         num = len(self.prompt_ids) * self.n
         offsets, echoed, tokens = [0] * num, [not self.req.echo] * num, 0
-        async for i, out in self.stream:
+        async for i, out in self._outputs():
             for o in out.outputs:
                 k = i * self.n + o.index
                 tokens += len(o.token_ids)
-                text = o.text
-                if not echoed[k]:
+                text, entries = o.text, o.logprobs or []
+                if not echoed[k]:  # the prompt, and with logprobs its entries, go with the choice's first chunk
                     text, echoed[k] = self._echo(i) + text, True
+                    entries = self._echo_entries(i) + entries
                 lp = None
-                if self.req.logprobs is not None and o.logprobs:
-                    lp, offsets[k] = R.completion_logprobs(o.logprobs, self.serving.token_text, offsets[k])
+                if self.req.logprobs is not None and entries:
+                    lp, offsets[k] = R.completion_logprobs(entries, self.serving.token_text, offsets[k])
                 if text or lp or o.finish_reason is not None:
                     yield build.choice(k, text, lp, o.finish_reason, o.stop_reason)
         if self.req.include_usage:

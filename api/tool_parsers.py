@@ -474,7 +474,7 @@ class MistralToolParser(ToolParser):
         return _mistral_id()
 
     def extract(self, text: str) -> tuple[str | None, list[dict]]:
-        segments, calls, pos, n = [], [], 0, len(text)
+        segments, calls, pos = [], [], 0
         while True:
             m = text.find(self.MARKER, pos)
             if m < 0:

@@ -43,8 +43,10 @@ class BlockManager:
         return hashes
 
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
-        """Block ids holding the longest cached prefix of `seq`, leaving at least one token to compute."""
-        if not self.enable_prefix_caching:
+        """Block ids holding the longest cached prefix of `seq`, leaving at least one token to compute. None for a
+        request with prompt logprobs (as in vLLM): they need the logits of every prompt position. Its full blocks
+        are still cached for others."""
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []
         bs = self.block_size
         max_blocks = (seq.num_tokens - 1) // bs

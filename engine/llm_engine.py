@@ -17,7 +17,7 @@ from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.errors import EngineStepError, FatalEngineError
 from engine.loader import CheckpointWeights, DummyWeights, resolve_model_path
 from engine.model_runner import ModelRunner
-from engine.outputs import RequestOutput, SequenceOutputState
+from engine.outputs import PromptLogprob, RequestOutput, SequenceOutputState
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
@@ -45,6 +45,10 @@ class Request:
     seqs: list[Sequence]
     states: list[SequenceOutputState]
     arrival_time: float
+    # SamplingParams.prompt_logprobs: [None, then one entry per prompt token as the steps compute them]; handed
+    # out with the request's first output, after which prompt_logprobs_sent is set
+    prompt_logprobs: list[PromptLogprob | None] | None = None
+    prompt_logprobs_sent: bool = False
 
     @property
     def finished(self) -> bool:
@@ -133,7 +137,8 @@ class LLMEngine:
             for s in seqs:
                 s.grammar = self.grammar_compiler.matcher(params.structured_outputs)
         states = [SequenceOutputState(self.tokenizer, s) for s in seqs]
-        self.requests[request_id] = Request(request_id, ids, params, seqs, states, seqs[0].arrival_time)
+        self.requests[request_id] = Request(request_id, ids, params, seqs, states, seqs[0].arrival_time,
+                                            [None] if params.prompt_logprobs is not None else None)
         for s in seqs:
             self.scheduler.add(s)
 
@@ -189,6 +194,7 @@ class LLMEngine:
                 tensors = self._sampling_tensors(sampling_seqs) if sampling_seqs else None
                 t0 = time.perf_counter()
                 result = self.runner.execute(sched, tensors, defer=self.async_scheduling)
+                self._collect_prompt_logprobs()
                 if self.spec is not None and any(s.seq.num_spec for s in sched.scheduled):
                     self.spec_stats.verify_seconds += time.perf_counter() - t0  # sampled ids are on the host
             except FatalEngineError:
@@ -211,6 +217,24 @@ class LLMEngine:
             except Exception as e:
                 raise self._fail_step(sched, e) from e
         return [self._request_output(req) for req in touched.values()]
+
+    def _collect_prompt_logprobs(self) -> None:
+        """Append what the step computed to each request's prompt logprobs. Each choice computes its positions in
+        order from the first (such requests take no prefix-cache hits); positions already known (another choice's,
+        or recomputed after a preemption) are dropped."""
+        for part in self.runner.prompt_logprobs:
+            req = self.requests.get(part.seq.request_id)
+            if req is None or req.prompt_logprobs is None:
+                continue
+            have = req.prompt_logprobs
+            if part.first > len(have):
+                raise RuntimeError(f"prompt logprobs of request {req.request_id} from token {part.first} while "
+                                   f"{len(have)} are known: a prompt position was skipped")
+            tokens = part.seq.token_ids
+            for j in range(len(have) - part.first, len(part.logprobs)):
+                top = [] if part.top_ids is None else [(int(i), float(v)) for i, v in
+                                                       zip(part.top_ids[j], part.top_logprobs[j])]
+                have.append((tokens[part.first + j], float(part.logprobs[j]), int(part.ranks[j]), top))
 
     def _land(self, in_flight: _InFlight, touched: dict[str, Request]) -> None:
         """Wait for an in-flight step's ids and post-process them."""
@@ -430,8 +454,11 @@ class LLMEngine:
         finished = req.finished
         if finished:
             del self.requests[req.request_id]
+        prompt_logprobs = None
+        if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:  # complete once any choice sampled
+            prompt_logprobs, req.prompt_logprobs_sent = req.prompt_logprobs, True
         return RequestOutput(req.request_id, req.prompt_token_ids, outputs, finished,
-                             max(s.num_cached_tokens for s in req.seqs))
+                             max(s.num_cached_tokens for s in req.seqs), prompt_logprobs=prompt_logprobs)
 
     # offline use
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,

@@ -8,18 +8,36 @@ import contextlib
 import logging
 import os
 import time
+from dataclasses import dataclass
 from itertools import chain
 
 import numpy as np
 
 from engine.config import EngineConfig, ModelConfig
 from engine.models.llama import LlamaModel, expected_shapes
-from engine.scheduler import SchedulerOutput
+from engine.scheduler import ScheduledSeq, SchedulerOutput
+from engine.sequence import Sequence
 from ops.backend import merging
 from ops.metadata import AttentionMetadata
 from ops.sampling import DeferredSample, SamplerOutput, SamplingTensors
 
 logger = logging.getLogger(__name__)
+
+# Prompt rows whose logits one pass of the prompt-logprobs computation holds: float32 [256, V] is 155 MB at
+# V = 152K (a whole 8K-token chunk at once would be 5 GB).
+PROMPT_LOGPROB_ROWS = 256
+
+
+@dataclass(slots=True)
+class PromptLogprobs:
+    """Logprobs of prompt tokens first .. first + k - 1 of `seq` (first >= 1), each given the tokens before it,
+    from the logits of the positions before them that one step computed. Host arrays."""
+    seq: Sequence
+    first: int
+    logprobs: np.ndarray  # float32[k]: the prompt token's
+    ranks: np.ndarray  # int[k]: how many tokens have a logprob >= the prompt token's (vLLM's rank; 1 = the best)
+    top_ids: np.ndarray | None  # int[k, N] best first, N = seq.params.prompt_logprobs; None when N = 0
+    top_logprobs: np.ndarray | None  # float32[k, N]
 
 
 class ModelRunner:
@@ -59,6 +77,7 @@ class ModelRunner:
             self.draft.allocate_cache(self.num_blocks, self.block_size)
         self.stage_times["KV cache"] = time.perf_counter() - t0
         self.num_computed_tokens_total = 0  # tokens run through the model: tests check prefix hits skip work
+        self.prompt_logprobs: list[PromptLogprobs] = []  # what the last execute computed (LLMEngine collects it)
         self.graphs = self.verify_graphs = None
         self._last_sampled = None  # numpy backend: the ids of its last deferred step
         if backend.name == "cuda" and not engine_config.enforce_eager:
@@ -130,8 +149,9 @@ class ModelRunner:
 
     def one_step_ahead(self, sched: SchedulerOutput) -> bool:
         """Whether `sched` can run before the previous step's sampled ids reach the host: a decode batch
-        that takes them on the device (a graph), or from the numpy backend's last result."""
-        if any(s.num_tokens != 1 for s in sched.scheduled):
+        that takes them on the device (a graph), or from the numpy backend's last result. Not a step with prompt
+        logprobs to compute (a one-token prefill chunk): it runs eagerly."""
+        if any(s.num_tokens != 1 for s in sched.scheduled) or self._prompt_logprob_spans(sched):
             return False
         return self.backend.name == "numpy" or self._replays(len(sched.scheduled), 1)
 
@@ -153,21 +173,27 @@ class ModelRunner:
         A sequence with `pending_row` >= 0 has a placeholder as its last token: its id is row pending_row
         of the previous step's sample, which must have been deferred (one_step_ahead(sched) is true).
         defer: the step may return a DeferredSample (a decode batch without penalties or logprobs).
+        Prompt logprobs of the prompt positions in the step, for the sequences that want them, go to
+        self.prompt_logprobs (such a step runs eagerly: a graph computes only the sampled rows' logits).
         """
         b = self.backend
         input_ids, positions, meta = self.prepare(sched)
         src = np.fromiter((s.seq.pending_row for s in sched.scheduled), np.int32, len(sched.scheduled))
         src = src if (src >= 0).any() else None
         self.num_computed_tokens_total += len(input_ids)
-        if self._replays(len(input_ids), meta.max_query_len):
+        self.prompt_logprobs = []
+        spans = self._prompt_logprob_spans(sched)
+        if not spans and self._replays(len(input_ids), meta.max_query_len):
             return self.graphs.run(input_ids, positions, meta, sampling, src, defer)  # every decode row samples
-        if self._verifies(sched):  # every row of a verify step samples too
+        if not spans and self._verifies(sched):  # every row of a verify step samples too
             return self.verify_graphs.run(input_ids, positions, meta, sampling)
         if src is not None:  # the numpy backend one step ahead: its last ids are already on the host
             if meta.max_query_len != 1 or self._last_sampled is None:
                 raise RuntimeError("a placeholder token outside a decode step that follows a deferred one")
             input_ids = np.where(src >= 0, self._last_sampled[np.maximum(src, 0)], input_ids).astype(np.int32)
         hidden = self.model.forward(*self.upload(input_ids, positions, meta), self.kv_caches)
+        if spans:
+            self.prompt_logprobs = self._prompt_logprobs(hidden, meta, spans)
         rows = [int(meta.query_start_loc[i + 1]) - s.num_sampled_rows + j
                 for i, s in enumerate(sched.scheduled) for j in range(s.num_sampled_rows)]
         if not rows:
@@ -176,6 +202,55 @@ class ModelRunner:
         if defer and b.name == "numpy" and meta.max_query_len == 1 and sampling.ids_only:
             self._last_sampled = out.token_ids
             return DeferredSample(lambda: out)
+        return out
+
+    @staticmethod
+    def _prompt_logprob_spans(sched: SchedulerOutput) -> list[tuple[int, ScheduledSeq, int]]:
+        """(row of the step, scheduled sequence, end position) per sequence whose positions start .. end - 1 in this
+        step give prompt logprobs: position p gives prompt token p + 1's. The last prompt position gives the first
+        output token instead. Each of a request's n choices computes them (the engine keeps the first of each), so
+        they are complete whichever choice samples first."""
+        spans = []
+        for i, s in enumerate(sched.scheduled):
+            seq = s.seq
+            if seq.params.prompt_logprobs is None:
+                continue
+            end = min(s.start + s.num_tokens, seq.num_prompt_tokens - 1)
+            if s.start < end:
+                spans.append((i, s, end))
+        return spans
+
+    def _prompt_logprobs(self, hidden, meta: AttentionMetadata, spans: list) -> list[PromptLogprobs]:
+        """Log-softmax of the logits of the spans' rows (the raw distribution, as vLLM's prompt logprobs): each
+        next prompt token's logprob and rank, and the N best. On the backend's arrays (numpy or cupy), in passes
+        of PROMPT_LOGPROB_ROWS rows; only the small results come back to the host."""
+        b, xp = self.backend, self.backend.xp
+        rows = np.concatenate([np.arange(meta.query_start_loc[i], meta.query_start_loc[i] + end - s.start,
+                                         dtype=np.int32) for i, s, end in spans])
+        targets = np.concatenate([np.asarray(s.seq.token_ids[s.start + 1:end + 1], np.int32) for _, s, end in spans])
+        num = max(s.seq.params.prompt_logprobs for _, s, _ in spans)
+        parts = []
+        for lo in range(0, len(rows), PROMPT_LOGPROB_ROWS):
+            r = rows[lo:lo + PROMPT_LOGPROB_ROWS]
+            logits = self.model.compute_logits(hidden[b.from_host(r)]).astype(np.float32, copy=False)
+            logits -= logits.max(axis=1, keepdims=True)
+            logits -= xp.log(xp.exp(logits).sum(axis=1, keepdims=True))  # now logprobs
+            token = logits[xp.arange(len(r)), b.from_host(targets[lo:lo + PROMPT_LOGPROB_ROWS])]
+            rank = (logits >= token[:, None]).sum(axis=1)
+            part = [token, rank]
+            if num:
+                top = xp.argpartition(-logits, num - 1, axis=1)[:, :num]
+                top_lp = xp.take_along_axis(logits, top, axis=1)
+                order = xp.argsort(-top_lp, axis=1)
+                part += [xp.take_along_axis(top, order, axis=1), xp.take_along_axis(top_lp, order, axis=1)]
+            parts.append([b.to_host(a) for a in part])
+        token, rank, *top = [np.concatenate(column) for column in zip(*parts)]
+        out, at = [], 0
+        for _, s, end in spans:
+            k, n = end - s.start, s.seq.params.prompt_logprobs
+            top_ids, top_lp = (top[0][at:at + k, :n], top[1][at:at + k, :n]) if n else (None, None)
+            out.append(PromptLogprobs(s.seq, s.start + 1, token[at:at + k], rank[at:at + k], top_ids, top_lp))
+            at += k
         return out
 
 

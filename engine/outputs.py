@@ -10,6 +10,10 @@ from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 # (sampled token id, its logprob, [(top id, top logprob), ...]) per generated token
 TokenLogprob = tuple[int, float, list[tuple[int, float]]]
+# (prompt token id, its logprob given the tokens before it, its rank in that distribution (1 = the most likely;
+# vLLM's rank: how many tokens have a logprob >= its), [(top id, top logprob), ...]) per prompt token after the
+# first; RequestOutput.prompt_logprobs is a list aligned with the prompt whose first entry is None
+PromptLogprob = tuple[int, float, int, list[tuple[int, float]]]
 
 
 @dataclass(slots=True)
@@ -30,6 +34,9 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
+    # SamplingParams.prompt_logprobs: [None, PromptLogprob, ...] aligned with the prompt, in the request's first
+    # output only (later deltas carry None)
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
     def merge(self, later: "RequestOutput") -> None:
         """Fold a later delta into this one (offline generate keeps whole outputs)."""
@@ -46,6 +53,8 @@ class RequestOutput:
                 mine.logprobs = (mine.logprobs or []) + o.logprobs
             mine.finish_reason, mine.stop_reason = o.finish_reason, o.stop_reason
         self.outputs.sort(key=lambda o: o.index)
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = later.prompt_logprobs
         self.finished = later.finished
         self.num_cached_tokens = later.num_cached_tokens
 

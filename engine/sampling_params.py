@@ -109,6 +109,7 @@ class SamplingParams:
     max_tokens: int | None = 16  # None = up to the context length
     min_tokens: int = 0
     logprobs: int | None = None  # number of top alternatives per token; 0 = only the sampled token's
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (no prefix-cache hits)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
@@ -136,6 +137,11 @@ class SamplingParams:
             if not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS:
                 raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
             self.logprobs = int(self.logprobs)
+        if self.prompt_logprobs is not None:
+            if not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+                raise ValueError(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, "
+                                 f"got {self.prompt_logprobs!r}")
+            self.prompt_logprobs = int(self.prompt_logprobs)
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
                      "spaces_between_special_tokens"):
             if not isinstance(getattr(self, name), bool):

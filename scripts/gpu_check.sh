@@ -15,6 +15,8 @@
 #          About 6 minutes on an H100.
 #   spec   issue #14: tests/gpu/test_spec_gpu.py, the acceptance-controlled benchmark and the verify cost curve
 #          -> $OUT/spec_tests.log, $OUT/spec.{jsonl,log}
+#   structured  issue #16: tests/gpu/test_token_mask.py, the host's mask cost and the engine benchmark at N = 1, 16
+#          plain and with a JSON schema on every request (7B shape, stand-in 152K tokenizer) -> $OUT/structured.*
 #   fp8    issue #13: cuBLASLt's FP8 enums against the machine's headers, tests/gpu/test_fp8_gpu.py and the FP8-cache
 #          attention tests -> $OUT/fp8_tests.log, perf/fp8_quality.py, the engine benchmark fp16, fp8 weights, fp8 KV
 #          cache, both -> $OUT/engine.{jsonl,log}, then the rest of tests/gpu in the time left -> $OUT/gpu_tests.log.
@@ -29,8 +31,8 @@ what=${1:-all}
 filter=${2:-}
 status=0
 case $what in
-  all | tests | bench | serve | jit | fp8 | spec) ;;
-  *) echo "usage: $0 [all|tests|bench|serve|jit|fp8|spec] [pytest -k expression]" >&2; exit 2 ;;
+  all | tests | bench | serve | jit | fp8 | spec | structured) ;;
+  *) echo "usage: $0 [all|tests|bench|serve|jit|fp8|spec|structured] [pytest -k expression]" >&2; exit 2 ;;
 esac
 
 # The serving benchmark (issue #6). 16 clients in a closed loop, 128 output tokens after prompts of 512 tokens
@@ -95,6 +97,23 @@ if [[ $what == spec ]]; then  # issue #14: the GPU tests, then spec() (SPEC_COST
   export CUPYLLM_VERIFY_GRAPHS=1
   grep -E "drafts|^FAILED|^E |passed|failed" "$OUT/spec_tests.log" | tail -20
   spec
+fi
+
+if [[ $what == structured ]]; then  # issue #16: the mask kernel's tests, then N = 1, 16 with a JSON schema each
+  # needs llguidance and orjson: cp ../shared/device-wheels/*.whl .whl/, pip download llguidance into .whl/ (see
+  # the device README), and carry .whl
+  timeout 90 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
+  timeout 120 python3 -m pytest -q -rfE -s --tb=short tests/gpu/test_token_mask.py > "$OUT/structured_tests.log" 2>&1 \
+    || status=1
+  grep -E "^FAILED|^E |passed|failed|mask cost" "$OUT/structured_tests.log" | tail -20
+  model=/tmp/structured-model  # the 7B shape with a 152K stand-in tokenizer (llguidance's masks cost by vocabulary)
+  mkdir -p $model && cp perf/configs/qwen2.5-7b/config.json $model/ && python3 perf/synthetic_tokenizer.py $model
+  timeout 100 python3 perf/structured_mask_cost.py $model --n 1,16,64 --json "$OUT/structured.jsonl" 2>&1 \
+    | tee "$OUT/structured.log"
+  timeout 240 python3 -m api.cli benchmark --model $model --load-format dummy --dtype float16 --input-len 32 \
+    --output-len 256 --n 1,16 --structured --json "$OUT/structured.jsonl" 2>&1 | grep -E "^N=|structured|ready" \
+    | tee -a "$OUT/structured.log"
 fi
 
 if [[ $what == fp8 ]]; then

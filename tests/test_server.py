@@ -101,22 +101,31 @@ class Server:
         return wait_until(idle, timeout, "the server to become idle with an empty KV cache")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`cupyllm serve` on an ephemeral port, which it reports in its "ready" log line."""
+def serve_demo(tmp_path_factory, args: list[str]):
+    """A module fixture's body: `cupyllm serve ARGS` (the demo model on the numpy backend, the test key) on an
+    ephemeral port, which it reports in its "ready" log line; stopped afterwards, its log free of tracebacks."""
     log_path = str(tmp_path_factory.mktemp("server") / "server.log")
     env = {**os.environ, "CUPYLLM_API_KEY": KEY, "NO_PROXY": "127.0.0.1"}
-    proc, port = launch_server(["--served-model-name", *NAMES, "--max-model-len", str(MAX_MODEL_LEN),
-                                "--max-request-body-bytes", str(MAX_BODY), "--device", "numpy"], log_path, env)
+    proc, port = launch_server([*args, "--device", "numpy"], log_path, env)
     srv = Server(port, proc, log_path)
     yield srv
     stop_process(proc, 10)
     assert "Traceback" not in srv.log(), srv.log()
 
 
+def openai_client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    yield from serve_demo(tmp_path_factory, ["--served-model-name", *NAMES, "--max-model-len", str(MAX_MODEL_LEN),
+                                             "--max-request-body-bytes", str(MAX_BODY)])
+
+
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.base + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    return openai_client(server)
 
 
 def random_text(rng, n_words: int) -> str:

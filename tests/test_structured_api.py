@@ -5,15 +5,12 @@ a 400 naming the problem, and the server keeps serving."""
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import jsonschema
-import openai
 import pytest
 
-from tests.server_process import launch_server, stop_process
-from tests.test_server import KEY, Server
+from tests.test_server import openai_client, serve_demo
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["city", "rank"],
           "properties": {"city": {"type": "string", "maxLength": 8}, "rank": {"type": "integer", "maximum": 99}}}
@@ -21,19 +18,12 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["city", 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    log_path = str(tmp_path_factory.mktemp("server") / "server.log")
-    env = {**os.environ, "CUPYLLM_API_KEY": KEY, "NO_PROXY": "127.0.0.1"}
-    proc, port = launch_server(["--served-model-name", "demo", "--max-model-len", "512", "--device", "numpy"],
-                               log_path, env)
-    srv = Server(port, proc, log_path)
-    yield srv
-    stop_process(proc, 10)
-    assert "Traceback" not in srv.log(), srv.log()
+    yield from serve_demo(tmp_path_factory, ["--served-model-name", "demo", "--max-model-len", "512"])
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.base + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    return openai_client(server)
 
 
 def _closing_bias(server) -> dict:

@@ -5,16 +5,13 @@ and 400s for bad tools."""
 from __future__ import annotations
 
 import json
-import os
 
 import jsonschema
-import openai
 import pytest
 
 from engine.demo import demo_model_dir
 from engine.tokenizer import Tokenizer
-from tests.server_process import launch_server, stop_process
-from tests.test_server import KEY, Server
+from tests.test_server import openai_client, serve_demo
 
 WEATHER = {"type": "object", "additionalProperties": False, "required": ["city"],
            "properties": {"city": {"type": "string", "maxLength": 8}, "days": {"type": "integer", "maximum": 9}}}
@@ -34,22 +31,16 @@ TEMPLATE = (
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tools")
-    template = root / "template.jinja"
+    template = tmp_path_factory.mktemp("tools") / "template.jinja"
     template.write_text(TEMPLATE)
-    env = {**os.environ, "CUPYLLM_API_KEY": KEY, "NO_PROXY": "127.0.0.1"}
-    proc, port = launch_server(["--served-model-name", "demo", "--max-model-len", "512", "--device", "numpy",
-                                "--chat-template", str(template), "--enable-auto-tool-choice",
-                                "--tool-call-parser", "hermes"], str(root / "server.log"), env)
-    srv = Server(port, proc, str(root / "server.log"))
-    yield srv
-    stop_process(proc, 10)
-    assert "Traceback" not in srv.log(), srv.log()
+    yield from serve_demo(tmp_path_factory, ["--served-model-name", "demo", "--max-model-len", "512",
+                                             "--chat-template", str(template), "--enable-auto-tool-choice",
+                                             "--tool-call-parser", "hermes"])
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.base + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    return openai_client(server)
 
 
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
