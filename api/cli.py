@@ -93,7 +93,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-prompts", "--enable-log-requests", action="store_true",
                    help="log each request's prompt and sampling parameters (off: prompts never reach the log)")
     p.add_argument("--disable-log-requests", action="store_true",
-                   help="accepted for compatibility: prompts are logged only with --log-prompts")
+                   help="no log line per finished request (id, tokens, finish reason, TTFT, e2e); prompts are "
+                        "logged only with --log-prompts")
+    p.add_argument("--allowed-origins", default='["*"]', type=_json_list, help="CORS: allowed origins (JSON list)")
+    p.add_argument("--allowed-methods", default='["*"]', type=_json_list, help="CORS: allowed methods (JSON list)")
+    p.add_argument("--allowed-headers", default='["*"]', type=_json_list, help="CORS: allowed headers (JSON list)")
+    p.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
     p.add_argument("--disable-log-stats", action="store_true",
                    help="accepted for compatibility: cupyllm logs no periodic stats")
     p.add_argument("--trust-remote-code", action="store_true",
@@ -197,8 +202,20 @@ class Stage:
             logger.info("%s took %.2f s", self.name, self.timings[self.name])
 
 
+def _json_list(text: str) -> list[str]:
+    """vLLM's form of the CORS flags: a JSON list of strings, e.g. '["https://a.example", "https://b.example"]'."""
+    import json
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings, e.g. '[\"*\"]', got {text!r}")
+    return value
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    from api.server import create_app
+    from api.server import CORS, create_app
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         raise CLIError("--enable-auto-tool-choice needs --tool-call-parser (one of "
                        f"{', '.join(sorted(TOOL_PARSERS))})")
@@ -219,7 +236,10 @@ def run_serve(args: argparse.Namespace) -> int:
     engine = AsyncLLMEngine(llm)
     app = create_app(engine, served, api_key, args.max_request_body_bytes, max_waiting=args.max_waiting_requests,
                      log_prompts=args.log_prompts, shutdown_timeout=args.shutdown_timeout,
-                     tool_parser=args.tool_call_parser if args.enable_auto_tool_choice else None)
+                     tool_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
+                     cors=CORS(tuple(args.allowed_origins), tuple(args.allowed_methods), tuple(args.allowed_headers),
+                               args.allow_credentials),
+                     log_requests=not args.disable_log_requests)
 
     @app.after_server_start
     async def ready(app):

@@ -384,6 +384,7 @@ def parse_chat(body: dict) -> ChatRequest:
     _reject(body, "chat_template", "a per-request chat template; the server's --chat-template is used")
     _reject(body, "continue_final_message", "continuing the final message", (None, False))
     _reject(body, "echo", "echo in chat completions", (None, False))
+    _reject(body, "prompt_logprobs", "prompt logprobs in chat completions (/v1/completions has them)")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError("'messages' must be a non-empty list of {role, content} objects", param="messages")

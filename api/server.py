@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import metadata
 
 import orjson
@@ -56,7 +57,7 @@ def create_app(engine, served_model_names: list[str] | None = None, api_key: str
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                stats: Callable[[], EngineStats] | None = None, max_waiting: int = DEFAULT_MAX_WAITING,
                log_prompts: bool = False, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
-               tool_parser: str | None = None) -> Sanic:
+               tool_parser: str | None = None, cors: "CORS | None" = None, log_requests: bool = True) -> Sanic:
     """The server around `engine`; `stats` reads the gauges (default: from engine.engine's scheduler).
 
     Run in the main thread (`cupyllm serve`), SIGTERM drains: see `Drain`.
@@ -66,12 +67,13 @@ def create_app(engine, served_model_names: list[str] | None = None, api_key: str
     metrics = Metrics(names[0], stats or (lambda: engine_stats(engine)), llm.max_model_len)
     serving = OpenAIServing(engine, llm.tokenizer, names, llm.max_model_len, llm.model_config.vocab_size,
                             metrics, model_root=llm.config.model, max_waiting=max_waiting, log_prompts=log_prompts,
-                            tool_parser=tool_parser)
+                            tool_parser=tool_parser, log_requests=log_requests)
     app = Sanic(f"cupyllm_{next(_app_ids)}", configure_logging=False)
     app.config.REQUEST_MAX_SIZE = max_body_bytes
     app.config.RESPONSE_TIMEOUT = 7 * 24 * 3600  # generations may stream for a long time
     app.config.NOISY_EXCEPTIONS = False
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = 2.0  # Sanic's own wait, after Drain has done the real one
+    _add_cors(app, cors or CORS())
     drain = Drain(app, engine, serving, shutdown_timeout)
     app.ctx.engine, app.ctx.serving, app.ctx.metrics, app.ctx.drain = engine, serving, metrics, drain
     _add_auth(app, api_key)
@@ -133,6 +135,29 @@ class Drain:
         self.app.stop(terminate=False)
 
 
+@dataclass(frozen=True)
+class CORS:
+    """vLLM's CORS flags (--allowed-origins, --allowed-methods, --allowed-headers, --allow-credentials), its
+    defaults: every origin, method and header, no credentials."""
+    origins: tuple[str, ...] = ("*",)
+    methods: tuple[str, ...] = ("*",)
+    headers: tuple[str, ...] = ("*",)
+    credentials: bool = False
+
+
+def _add_cors(app: Sanic, cors: CORS) -> None:
+    """Sanic's own extension does CORS (preflight OPTIONS answered for every route, headers on every response);
+    nothing else of sanic-ext is switched on."""
+    from sanic_ext import Config
+    methods = "" if "*" in cors.methods else ",".join(cors.methods)  # sanic-ext: "" = the route's own methods
+    app.extend(config=Config(
+        cors=True, cors_origins="*" if "*" in cors.origins else list(cors.origins), cors_methods=methods,
+        cors_allow_headers=",".join(cors.headers), cors_supports_credentials=cors.credentials,
+        cors_send_wildcard="*" in cors.origins and not cors.credentials,
+        cors_automatic_options=True, cors_always_send=True, oas=False, health=False, logging=False,
+        http_auto_head=False, http_auto_trace=False, http_all_methods=False, http_auto_options=True))
+
+
 def _add_auth(app: Sanic, api_key: str | None) -> None:
     if not api_key:
         return
@@ -141,8 +166,8 @@ def _add_auth(app: Sanic, api_key: str | None) -> None:
 
     @app.on_request
     async def check_api_key(request: Request):
-        if not request.path.startswith("/v1/") and request.path != "/v1":
-            return None
+        if request.method == "OPTIONS" or (not request.path.startswith("/v1/") and request.path != "/v1"):
+            return None  # a CORS preflight carries no credentials, by the browser's rules
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return error_response(APIError("Missing API key: send the header 'Authorization: Bearer <key>'.",

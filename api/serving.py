@@ -52,8 +52,9 @@ class EngineStream:
     """
 
     def __init__(self, engine, metrics: Metrics, request_id: str, prompts: list[list[int]],
-                 params: list[SamplingParams]):
+                 params: list[SamplingParams], log_requests: bool = False):
         self._metrics = metrics
+        self._log = _RequestLog(request_id, sum(len(p) for p in prompts)) if log_requests else None
         self._gens = [engine.generate(f"{request_id}-{i}", ids, p) for i, (ids, p) in enumerate(zip(prompts, params))]
         self._timers = [metrics.request_timer() for _ in prompts]
         self._choices = [p.n for p in params]
@@ -75,7 +76,10 @@ class EngineStream:
             item, self._first = self._first, None
             return item
         try:
-            return await self._iter.__anext__()
+            item = await self._iter.__anext__()
+            if self._log is not None:
+                self._log.saw(item[1])
+            return item
         except StopAsyncIteration:
             raise
         except Exception as e:
@@ -119,6 +123,34 @@ class EngineStream:
             await gen.aclose()
         for timer, n in zip(self._timers, self._choices):
             self._metrics.abandoned(timer, n)
+        if self._log is not None:
+            self._log.write()
+
+
+class _RequestLog:
+    """vLLM's one line per finished request (unless --disable-log-requests): id, tokens, finish, TTFT, e2e."""
+
+    __slots__ = ("request_id", "prompt_tokens", "output_tokens", "finish", "start", "first")
+
+    def __init__(self, request_id: str, prompt_tokens: int):
+        self.request_id, self.prompt_tokens, self.output_tokens = request_id, prompt_tokens, 0
+        self.finish: list[str] = []
+        self.start, self.first = time.monotonic(), None
+
+    def saw(self, out: RequestOutput) -> None:
+        for o in out.outputs:
+            if o.token_ids and self.first is None:
+                self.first = time.monotonic()
+            self.output_tokens += len(o.token_ids)
+            if o.finish_reason is not None:
+                self.finish.append(o.finish_reason)
+
+    def write(self) -> None:
+        end = time.monotonic()
+        ttft = f"{self.first - self.start:.3f} s" if self.first is not None else "-"
+        logger.info("request %s: %d prompt tokens, %d output tokens, finish %s, TTFT %s, e2e %.3f s",
+                    self.request_id, self.prompt_tokens, self.output_tokens, ",".join(self.finish) or "abort",
+                    ttft, end - self.start)
 
 
 class TokenTexts:
@@ -144,7 +176,7 @@ class _Job:
         self.created = int(time.time())
         self.prompt_ids = prompts
         self.n = params[0].n
-        self.stream = EngineStream(serving.engine, serving.metrics, request_id, prompts, params)
+        self.stream = EngineStream(serving.engine, serving.metrics, request_id, prompts, params, serving.log_requests)
 
     def usage(self, completion_tokens: int) -> dict:
         return R.usage(sum(len(p) for p in self.prompt_ids), completion_tokens)
@@ -305,8 +337,9 @@ class ChatJob(_Job):
 class OpenAIServing:
     def __init__(self, engine, tokenizer, served_names: list[str], max_model_len: int, vocab_size: int,
                  metrics: Metrics, model_root: str = "", max_waiting: int = DEFAULT_MAX_WAITING,
-                 log_prompts: bool = False, tool_parser: str | None = None):
+                 log_prompts: bool = False, tool_parser: str | None = None, log_requests: bool = True):
         self.engine = engine
+        self.log_requests = log_requests  # one line per finished request, as vLLM prints (--disable-log-requests)
         self.tool_parser = tool_parser  # --tool-call-parser when --enable-auto-tool-choice: tool_choice "auto" works
         self.max_waiting = max_waiting
         self.log_prompts = log_prompts  # prompts reach the log only when the operator asked (--log-prompts)

@@ -113,3 +113,11 @@ def test_engine_flags_reach_the_engine_config():
                                       "--load-format", "dummy", "--device", "numpy"])
     config = engine_config(args)
     assert (config.gpu_memory_utilization, config.enforce_eager, config.load_format) == (0.5, True, "dummy")
+
+
+def test_cors_flags_take_vllms_json_lists(capsys):
+    args = cli.build_parser().parse_args(["serve", "--allowed-origins", '["https://a.example"]', "--allow-credentials"])
+    assert args.allowed_origins == ["https://a.example"] and args.allowed_methods == ["*"] and args.allow_credentials
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["serve", "--allowed-origins", "https://a.example"])
+    assert "expected a JSON list of strings" in capsys.readouterr().err

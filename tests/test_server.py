@@ -500,3 +500,34 @@ def test_disconnects_abort_and_free_kv(server):
         wait_until(lambda: server.metrics()["vllm:num_requests_running"] > 0, 10, "the request to run")
     m = server.wait_idle()
     assert m['vllm:request_success_total{finished_reason="abort"}'] - aborted_before == 65
+
+
+# CORS (vLLM's defaults: every origin, method and header) and the per-request log line
+def test_cors_preflight_and_headers(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.request("OPTIONS", "/v1/chat/completions", headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        pre = conn.getresponse()  # a preflight carries no API key
+        pre.read()
+        assert pre.status in (200, 204) and pre.getheader("access-control-allow-origin") == "*"
+        assert "post" in (pre.getheader("access-control-allow-methods") or "").lower()
+        assert pre.getheader("access-control-allow-headers") in ("*", "authorization,content-type")
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2}),
+                     {"Origin": "https://app.example", "Content-Type": "application/json",
+                      "Authorization": f"Bearer {KEY}"})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 200 and resp.getheader("access-control-allow-origin") == "*"
+    finally:
+        conn.close()
+
+
+def test_one_log_line_per_finished_request(server):
+    body = server.post("/v1/completions", {"prompt": "log me", "max_tokens": 5, "ignore_eos": True})
+    line = wait_until(lambda: next((ln for ln in server.log().splitlines() if body["id"] in ln), None), 10,
+                      "the request's log line")
+    prompt_tokens = body["usage"]["prompt_tokens"]
+    assert re.search(rf"request {body['id']}: {prompt_tokens} prompt tokens, 5 output tokens, finish length, "
+                     r"TTFT [\d.]+ s, e2e [\d.]+ s", line), line
