@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import cupy as cp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ops.cuda import attention as attn  # noqa: E402
-from ops.metadata import AttentionMetadata  # noqa: E402
+from ops.cuda import attention as attn
+from ops.metadata import AttentionMetadata
 
 COPY_CEILING_GBPS = 2990.0
 MATMUL_CEILING_TFLOPS = 750.0

@@ -5,17 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import cupy as cp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ops import autotune  # noqa: E402
-from ops.cublaslt import PlanKey  # noqa: E402
-from ops.cuda.linear import Linear  # noqa: E402
+from ops import autotune
+from ops.cublaslt import PlanKey
+from ops.cuda.linear import Linear
 
 COPY_GBPS, MATMUL_TFLOPS = 2990.0, 750.0  # measured on this H100 (../shared/GPU.md)
 CONFIG = Path(__file__).resolve().parent / "configs" / "qwen2.5-7b" / "config.json"

@@ -9,19 +9,16 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import cupy as cp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cuda_timing import time_graph  # noqa: E402
-from gpu_gemm import CONFIG, projections  # noqa: E402
-from ops import jit_ops, quant  # noqa: E402
-from ops.cuda import to_float32  # noqa: E402
-from ops.cuda.gemv import ROWS, gemv_fp8  # noqa: E402
-from ops.cuda.linear import Linear  # noqa: E402
+from cuda_timing import time_graph
+from gpu_gemm import CONFIG, projections
+from ops import jit_ops, quant
+from ops.cuda import to_float32
+from ops.cuda.gemv import ROWS, gemv_fp8
+from ops.cuda.linear import Linear
 
 L2_FLUSH = 100e6
 

@@ -11,18 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
-from pathlib import Path
 
 import cupy as cp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cuda_timing import time_eager, time_graph  # noqa: E402
-from ops import reference  # noqa: E402
-from ops.cuda import basic, basic_hand  # noqa: E402
+from cuda_timing import time_eager, time_graph
+from ops import reference
+from ops.cuda import basic, basic_hand
 
 IMPLS = {"jit": basic, "hand": basic_hand}
 

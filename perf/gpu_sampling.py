@@ -10,19 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
-from pathlib import Path
 
 import cupy as cp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cuda_timing import time_eager, time_graph  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
-from ops.cuda import sampling as gpu  # noqa: E402
-from ops.sampling import SamplingTensors  # noqa: E402
+from cuda_timing import time_eager, time_graph
+from engine.sampling_params import SamplingParams
+from ops.cuda import sampling as gpu
+from ops.sampling import SamplingTensors
 
 CEILING_GBPS = 2990.0  # device-to-device copy on the H100 (../shared/GPU.md)
 L2_BYTES = 50e6

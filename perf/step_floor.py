@@ -8,8 +8,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from engine.config import ModelConfig  # noqa: E402
+from engine.config import ModelConfig
 
 BW = 2.99e12  # B/s, measured device-to-device copy ceiling (../shared/GPU.md)
 PEAK = 750e12  # FLOP/s, measured fp16 8192^3 matmul

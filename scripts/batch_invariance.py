@@ -5,18 +5,15 @@ Prints where each prompt first diverges (-1: never). GPU or CPU: python scripts/
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine.config import EngineConfig  # noqa: E402
-from engine.demo import write_demo_tokenizer  # noqa: E402
-from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
-from tests.conftest import VOCAB, write_checkpoint  # noqa: E402
+from engine.config import EngineConfig
+from engine.demo import write_demo_tokenizer
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from tests.conftest import VOCAB, write_checkpoint
 
 
 def first_diff(a: list[int], b: list[int]) -> int:

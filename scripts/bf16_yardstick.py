@@ -5,15 +5,12 @@ CPU only; prints one line per (family, dtype). Usage: python scripts/bf16_yardst
 from __future__ import annotations
 
 import copy
-import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.conftest import ARCHS, VOCAB, write_checkpoint  # noqa: E402
+from tests.conftest import ARCHS, VOCAB, write_checkpoint
 
 
 PROMPTS = 16  # the max error swings widely from prompt to prompt; the RMS error barely moves

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine.config import EngineConfig, ModelConfig  # noqa: E402
-from engine.demo import write_demo_tokenizer  # noqa: E402
-from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.models.llama import expected_shapes  # noqa: E402
-from engine.safetensors import save_file  # noqa: E402
+from engine.config import EngineConfig, ModelConfig
+from engine.demo import write_demo_tokenizer
+from engine.llm_engine import LLMEngine
+from engine.models.llama import expected_shapes
+from engine.safetensors import save_file
 
 
 def write_checkpoint(config_dir: str, out: str) -> float:

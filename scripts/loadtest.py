@@ -8,12 +8,10 @@
 The code lives in api/bench_serve.py (client and metrics), api/bench_target.py (the server process:
 cold start, memory, exact-length prompts) and api/bench_report.py (tables); see docs/performance.md.
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from api.bench_serve import main  # noqa: E402
+from api.bench_serve import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -35,7 +34,6 @@ def rss_mib() -> float:
 
 def run_engine(config_dir: str, enforce_eager: bool) -> None:
     """Build and run an engine, printing the resident size after each stage."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import ctypes
     import gc
 

@@ -11,14 +11,13 @@ import re
 import numpy as np
 import pytest
 
+from ops import jit, jit_ops, reference
+from ops.jit import BlockSpec, core, dtypes, lower
 from tests import host_cuda
+from tests.test_jit import int_casts_prefetch, masked_stats
 
 if not host_cuda.available():
     pytest.skip("no g++ on PATH (or not Linux): the generated CUDA C cannot run on the host", allow_module_level=True)
-
-from ops import jit, jit_ops, reference  # noqa: E402
-from ops.jit import BlockSpec, core, dtypes, lower  # noqa: E402
-from tests.test_jit import int_casts_prefetch, masked_stats  # noqa: E402
 
 SEED = 20261207
 STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}

@@ -10,10 +10,10 @@ import pytest
 
 import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 
-from ops import quant, reference  # noqa: E402
-from ops.cuda.attention import attention, reserve_decode_workspace  # noqa: E402
-from ops.jit import dtypes  # noqa: E402
-from ops.metadata import AttentionMetadata  # noqa: E402
+from ops import quant, reference
+from ops.cuda.attention import attention, reserve_decode_workspace
+from ops.jit import dtypes
+from ops.metadata import AttentionMetadata
 
 # Bound on |got - ref| <= atol + rtol * |ref|: P is rounded to the storage type before P.V, and
 # the output is rounded once (fp16 2^-11, bf16 2^-8 relative), |ref| stays below about 4.

@@ -9,9 +9,9 @@ import pytest
 
 import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 
-from engine.config import RopeScaling  # noqa: E402
-from ops import reference  # noqa: E402
-from ops.cuda import basic, to_float32, to_storage  # noqa: E402
+from engine.config import RopeScaling
+from ops import reference
+from ops.cuda import basic, to_float32, to_storage
 
 # name -> hidden H, q heads Hq, kv heads Hkv, head_dim D, intermediate I, vocab V
 MODELS = {

@@ -7,16 +7,15 @@ import copy
 import numpy as np
 import pytest
 
-import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 
-import torch  # noqa: E402  (the reference only)
+import torch  # the reference only
 
-from engine.config import EngineConfig  # noqa: E402
-from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
-from ops.cuda import to_float32  # noqa: E402
-from tests.conftest import ARCHS, VOCAB  # noqa: E402
-from tests.test_parity import _all_logits  # noqa: E402
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from ops.cuda import to_float32
+from tests.conftest import ARCHS, VOCAB
+from tests.test_parity import _all_logits
 
 
 def _engine(path, dtype, **kw) -> LLMEngine:

@@ -9,18 +9,18 @@ import pytest
 
 import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 
-from engine.config import EngineConfig  # noqa: E402
-from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
-from engine.scheduler import SchedulerOutput, ScheduledSeq  # noqa: E402
-from engine.sequence import Sequence  # noqa: E402
-from ops import jit_ops, quant  # noqa: E402
-from ops.cuda import to_float32  # noqa: E402
-from ops.cuda.linear import Linear  # noqa: E402
-from ops.jit import dtypes  # noqa: E402
-from tests.conftest import VOCAB  # noqa: E402
-from tests.gpu.test_jit_gpu import STORAGE, stored  # noqa: E402
-from tests.test_parity import _all_logits  # noqa: E402
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from engine.scheduler import SchedulerOutput, ScheduledSeq
+from engine.sequence import Sequence
+from ops import jit_ops, quant
+from ops.cuda import to_float32
+from ops.cuda.linear import Linear
+from ops.jit import dtypes
+from tests.conftest import VOCAB
+from tests.gpu.test_jit_gpu import STORAGE, stored
+from tests.test_parity import _all_logits
 
 if int(cp.cuda.Device().compute_capability) < 89:
     pytest.skip("FP8 GEMMs need sm_89+", allow_module_level=True)

@@ -7,10 +7,10 @@ import pytest
 
 import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 
-from ops import jit_ops, quant  # noqa: E402
-from ops.cuda import to_float32  # noqa: E402
-from ops.cuda.gemv import ROWS, gemv_fp8  # noqa: E402
-from tests.gpu.test_jit_gpu import STORAGE, stored  # noqa: E402
+from ops import jit_ops, quant
+from ops.cuda import to_float32
+from ops.cuda.gemv import ROWS, gemv_fp8
+from tests.gpu.test_jit_gpu import STORAGE, stored
 
 
 @pytest.mark.parametrize("dtype", list(STORAGE))

@@ -16,8 +16,8 @@ import pytest
 
 import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 
-from ops import jit, jit_ops, reference  # noqa: E402
-from ops.jit import dtypes  # noqa: E402
+from ops import jit_ops, reference
+from ops.jit import dtypes
 
 STORAGE = {"float16": np.float16, "bfloat16": np.uint16}
 SHAPES = {  # H, I, Hq, Hkv, D

@@ -10,9 +10,9 @@ import pytest
 
 import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 
-from ops import autotune, cublaslt  # noqa: E402
+from ops import autotune, cublaslt
 
-from ops.cuda.linear import Linear  # noqa: E402
+from ops.cuda.linear import Linear
 
 MODELS = {  # hidden, query heads, kv heads, head dim, intermediate, vocab, qkv bias
     "qwen2.5-7b": (3584, 28, 4, 128, 18944, 152064, True),

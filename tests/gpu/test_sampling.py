@@ -10,12 +10,12 @@ import pytest
 
 import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 
-import ops.sampling as oracle  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
-from ops.cuda import sampling as gpu  # noqa: E402
-from ops.cuda import to_storage  # noqa: E402
-from ops.philox import neg_exponentials, philox_words  # noqa: E402
-from ops.sampling import SamplingTensors  # noqa: E402
+import ops.sampling as oracle
+from engine.sampling_params import SamplingParams
+from ops.cuda import sampling as gpu
+from ops.cuda import to_storage
+from ops.philox import neg_exponentials, philox_words
+from ops.sampling import SamplingTensors
 
 VOCABS = {"qwen2.5-7b": 152064, "llama-3-8b": 128256}
 BATCHES = (1, 64)

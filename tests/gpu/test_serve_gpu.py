@@ -12,15 +12,14 @@ import re
 
 import pytest
 
-import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from tests.server_process import launch_server, stop_process
+
 for _module in ("sanic", "orjson"):
     pytest.importorskip(_module, reason=f"{_module} is not installed: scripts/gpu_check.sh serve installs it")
 openai = pytest.importorskip("openai")
-
-from engine.config import EngineConfig  # noqa: E402
-from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
-from tests.server_process import launch_server, stop_process  # noqa: E402
 
 NAME = "tiny"
 MAX_MODEL_LEN, MAX_NUM_SEQS, MAX_TOKENS = 512, 8, 40

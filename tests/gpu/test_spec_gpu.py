@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 
-from engine.config import EngineConfig  # noqa: E402
-from engine.llm_engine import LLMEngine  # noqa: E402
-from tests.test_spec_decode import (NGRAM, PARAM_IDS, PARAMS, SELF_DRAFT, KnownContinuation, _no_leaks,  # noqa: E402
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from tests.test_spec_decode import (NGRAM, PARAM_IDS, PARAMS, SELF_DRAFT, KnownContinuation, _no_leaks,
                                     _outputs, _prompts)
 
 

@@ -13,11 +13,11 @@ import pytest
 
 import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 
-import ops.sampling as oracle  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
-from ops.cuda import sampling as gpu  # noqa: E402
-from ops.cuda import to_float32, to_storage  # noqa: E402
-from ops.sampling import SamplingTensors  # noqa: E402
+import ops.sampling as oracle
+from engine.sampling_params import SamplingParams
+from ops.cuda import sampling as gpu
+from ops.cuda import to_float32, to_storage
+from ops.sampling import SamplingTensors
 
 VOCABS = (152064, 1003)
 DTYPES = ("float32", "float16", "bfloat16")

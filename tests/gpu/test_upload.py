@@ -10,15 +10,15 @@ import pytest
 
 import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 
-from engine.config import EngineConfig  # noqa: E402
-from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.loader import CheckpointWeights, WeightsError  # noqa: E402
-from engine.safetensors import float32_to_bf16_bits, save_file  # noqa: E402
-from ops.backend import merging  # noqa: E402
-from ops.cuda import CudaBackend  # noqa: E402
-from ops.cuda.upload import WeightUploader  # noqa: E402
-from tests.conftest import VOCAB  # noqa: E402
-from tests.test_parity import _all_logits  # noqa: E402
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.loader import CheckpointWeights, WeightsError
+from engine.safetensors import float32_to_bf16_bits, save_file
+from ops.backend import merging
+from ops.cuda import CudaBackend
+from ops.cuda.upload import WeightUploader
+from tests.conftest import VOCAB
+from tests.test_parity import _all_logits
 
 TINY_STAGING = 4096  # every tensor but the smallest crosses several chunks
 STORED = ("F32", "F16", "BF16")
