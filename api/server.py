@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from importlib import metadata
 
 import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sanic import HTTPResponse, Request, Sanic
 from sanic.exceptions import SanicException
 
 from api import protocol
-from api.metrics import EngineStats, Metrics, engine_stats
+from api.metrics import EngineStats, Metrics
 from api.protocol import APIError
 from api.responses import SSE_HEADERS
 from api.serving import DEFAULT_MAX_WAITING, OpenAIServing
@@ -58,13 +59,14 @@ def create_app(engine, served_model_names: list[str] | None = None, api_key: str
                stats: Callable[[], EngineStats] | None = None, max_waiting: int = DEFAULT_MAX_WAITING,
                log_prompts: bool = False, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
                tool_parser: str | None = None, cors: "CORS | None" = None, log_requests: bool = True) -> Sanic:
-    """The server around `engine`; `stats` reads the gauges (default: from engine.engine's scheduler).
+    """The server around `engine`; `stats` gives the engine-state metrics (default: `engine.stats`, the engine's
+    EngineStats snapshot).
 
     Run in the main thread (`cupyllm serve`), SIGTERM drains: see `Drain`.
     """
     llm = engine.engine
     names = list(served_model_names or [llm.config.model])
-    metrics = Metrics(names[0], stats or (lambda: engine_stats(engine)), llm.max_model_len)
+    metrics = Metrics(names[0], stats or engine.stats, llm.max_model_len)
     serving = OpenAIServing(engine, llm.tokenizer, names, llm.max_model_len, llm.model_config.vocab_size,
                             metrics, model_root=llm.config.model, max_waiting=max_waiting, log_prompts=log_prompts,
                             tool_parser=tool_parser, log_requests=log_requests)
@@ -229,7 +231,7 @@ def _add_routes(app: Sanic, engine, serving: OpenAIServing, metrics: Metrics, dr
 
     @app.get("/metrics")
     async def metrics_route(request: Request):
-        return HTTPResponse(metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
+        return HTTPResponse(generate_latest(metrics.registry), content_type=CONTENT_TYPE_LATEST)
 
     @app.post("/tokenize")
     async def tokenize(request: Request):

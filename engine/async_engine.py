@@ -13,7 +13,7 @@ from typing import AsyncIterator
 
 from engine.config import EngineConfig
 from engine.errors import EngineDeadError, EngineStepError, RequestFailedError
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import EngineStats, LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -54,6 +54,10 @@ class AsyncLLMEngine:
         """Sequences waiting for a place in the batch, including those the engine thread has not taken in
         yet; read from the event loop without a lock (a deque's length and two ints)."""
         return len(self.engine.scheduler.waiting) + self._seqs_sent - self._seqs_taken
+
+    def stats(self) -> EngineStats:
+        """The engine-state snapshot /metrics reads (LLMEngine.stats), taken from the event loop without a lock."""
+        return self.engine.stats()
 
     @property
     def num_streams(self) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from engine.loader import CheckpointWeights, DummyWeights, resolve_model_path
 from engine.model_runner import ModelRunner
 from engine.outputs import PromptLogprob, RequestOutput, SequenceOutputState
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerOutput
+from engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from engine.sequence import Sequence
 from engine.spec_decode import AcceptanceGate, GreedyDraftProposer, NgramProposer, SpecDecodeStats
 from engine.tokenizer import Tokenizer
@@ -27,6 +27,16 @@ from ops.backend import get_backend
 from ops.sampling import DeferredSample, SamplingTensors
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """A snapshot of the engine's state for /metrics (LLMEngine.stats): what the API reads, never the scheduler."""
+    running: int = 0  # sequences in the batch
+    waiting: int = 0  # sequences waiting for a place in it
+    kv_usage: float = 0.0  # fraction of KV blocks held by live sequences
+    preemptions: int = 0  # cumulative
+    spec: SpecDecodeStats | None = None  # a copy of the spec-decode counters while speculation is configured
 
 
 @dataclass(slots=True)
@@ -49,6 +59,8 @@ class Request:
     # out with the request's first output, after which prompt_logprobs_sent is set
     prompt_logprobs: list[PromptLogprob | None] | None = None
     prompt_logprobs_sent: bool = False
+    # RequestOutput.metrics of all its outputs: "queue_time" (arrival to first scheduled) once it has been scheduled
+    metrics: dict = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -177,7 +189,10 @@ class LLMEngine:
         in_flight, self._in_flight = self._in_flight, None
         if self.spec is not None:
             self._propose()
+        waiting = len(self.scheduler.waiting)
         sched = self.scheduler.schedule()
+        if len(self.scheduler.waiting) < waiting:  # admitted from the waiting queue: the last scheduled entries
+            self._note_admitted(sched.scheduled[len(self.scheduler.waiting) - waiting:])
         if self.spec is not None:
             self._drop_unscheduled_proposals(sched)
         touched: dict[str, Request] = {}
@@ -458,7 +473,24 @@ class LLMEngine:
         if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:  # complete once any choice sampled
             prompt_logprobs, req.prompt_logprobs_sent = req.prompt_logprobs, True
         return RequestOutput(req.request_id, req.prompt_token_ids, outputs, finished,
-                             max(s.num_cached_tokens for s in req.seqs), prompt_logprobs=prompt_logprobs)
+                             max(s.num_cached_tokens for s in req.seqs), req.metrics, prompt_logprobs=prompt_logprobs)
+
+    def _note_admitted(self, admitted: list[ScheduledSeq]) -> None:
+        """vLLM's queue time: from a request's arrival to the first step that schedules any of its sequences."""
+        now = time.monotonic()
+        for s in admitted:
+            req = self.requests.get(s.seq.request_id)
+            if req is not None and "queue_time" not in req.metrics:
+                req.metrics["queue_time"] = now - req.arrival_time
+
+    def stats(self) -> EngineStats:
+        """The engine's state for /metrics. Safe from another thread (the event loop): queue lengths and counters,
+        read without a lock; the spec-decode counters are copied."""
+        sched, spec = self.scheduler, None
+        if self.spec is not None:
+            spec = replace(self.spec_stats, accepted_per_pos=list(self.spec_stats.accepted_per_pos))
+        return EngineStats(len(sched.running), len(sched.waiting), float(self.block_manager.usage),
+                           int(sched.num_preemptions), spec)
 
     # offline use
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,

@@ -19,6 +19,7 @@ import time
 import aiohttp
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.server_process import launch_server, stop_process, wait_until
 
@@ -43,13 +44,17 @@ def parse_sse(raw: bytes) -> list[dict]:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {name or name{other labels}: value}, without the model_name label."""
+    """Prometheus text, read by prometheus_client's parser -> {sample name or name{other labels}: value}, without
+    the model_name label (which every sample must carry) and the `_created` timestamps."""
     out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            name = re.sub(r'model_name="[^"]*",?', "", name).replace("{}", "")
-            out[name] = float(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            labels = dict(sample.labels)
+            assert labels.pop("model_name", None) is not None, sample
+            other = ",".join(f'{k}="{v}"' for k, v in labels.items())
+            out[f"{sample.name}{{{other}}}" if other else sample.name] = sample.value
     return out
 
 
@@ -155,7 +160,83 @@ def test_models_health_version_and_metric_names(server):
                        ("vllm:inter_token_latency_seconds", "histogram"),
                        ("vllm:e2e_request_latency_seconds", "histogram")]:
         assert f"# TYPE {name} {kind}\n" in text, name
-    assert f'vllm:e2e_request_latency_seconds_bucket{{model_name="{NAMES[0]}",le="+Inf"}}' in text
+    assert 'vllm:e2e_request_latency_seconds_bucket{le="+Inf"}' in parse_metrics(text)
+
+
+# vLLM's histograms and their bucket boundaries
+HISTOGRAMS = {
+    "vllm:time_to_first_token_seconds": (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                                         5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0),
+    "vllm:inter_token_latency_seconds": (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+                                         7.5, 10.0, 20.0, 40.0, 80.0),
+    "vllm:e2e_request_latency_seconds": (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                                         60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0),
+    "vllm:request_prompt_tokens": (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),  # 1-2-5 up to max_model_len
+}
+HISTOGRAMS["vllm:time_per_output_token_seconds"] = HISTOGRAMS["vllm:inter_token_latency_seconds"]
+HISTOGRAMS["vllm:request_queue_time_seconds"] = HISTOGRAMS["vllm:e2e_request_latency_seconds"]
+HISTOGRAMS["vllm:request_generation_tokens"] = HISTOGRAMS["vllm:request_prompt_tokens"]
+
+
+def scrape_families(server) -> dict:
+    status, raw = server.request("GET", "/metrics", key=None)
+    assert status == 200
+    return {f.name: f for f in text_string_to_metric_families(raw.decode())}
+
+
+def test_metrics_scrape_parses_with_prometheus_client(server, client, rng):
+    """/metrics read by prometheus_client's own parser: vLLM's names and types, every sample labelled
+    model_name=<first served name>, vLLM's bucket boundaries, cumulative buckets, and each request counted."""
+    server.wait_idle()
+    before = scrape_families(server)
+    requests, max_tokens, prompt_tokens = 3, 6, 0
+    for _ in range(requests):
+        prompt = random_text(rng, 5)
+        prompt_tokens += count_tokens(server, prompt=prompt)
+        r = client.completions.create(model=NAMES[0], prompt=prompt, max_tokens=max_tokens,
+                                      extra_body={"ignore_eos": True})
+        assert r.choices[0].finish_reason == "length"
+    server.wait_idle()
+    after = scrape_families(server)
+
+    types = {"vllm:num_requests_running": "gauge", "vllm:num_requests_waiting": "gauge",
+             "vllm:kv_cache_usage_perc": "gauge", "vllm:gpu_cache_usage_perc": "gauge",
+             "vllm:num_preemptions": "counter", "vllm:prompt_tokens": "counter", "vllm:generation_tokens": "counter",
+             "vllm:request_success": "counter", **{name: "histogram" for name in HISTOGRAMS}}
+    for name, kind in types.items():
+        assert after[name].type == kind, name
+    assert not any(name.startswith(("vllm:spec_decode", "cupyllm:spec_decode")) for name in after)  # speculation off
+    for family in after.values():
+        for sample in family.samples:
+            assert sample.labels.get("model_name") == NAMES[0], sample
+            assert set(sample.labels) <= {"model_name", "le", "finished_reason"}, sample
+    assert {s.labels["finished_reason"] for s in after["vllm:request_success"].samples} >= {"stop", "length", "abort"}
+
+    def value(families, name: str, sample: str, **labels) -> float:
+        return next(s.value for s in families[name].samples
+                    if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    def delta(name: str, sample: str, **labels) -> float:
+        return value(after, name, sample, **labels) - value(before, name, sample, **labels)
+
+    for name, bounds in HISTOGRAMS.items():
+        buckets = [s for s in after[name].samples if s.name == name + "_bucket"]
+        assert [s.labels["le"] for s in buckets] == [repr(float(b)) for b in bounds] + ["+Inf"], name
+        counts = [s.value for s in buckets]
+        assert counts == sorted(counts) and counts[-1] == value(after, name, name + "_count"), name
+    for name in ("vllm:e2e_request_latency_seconds", "vllm:time_to_first_token_seconds",
+                 "vllm:request_queue_time_seconds", "vllm:request_prompt_tokens", "vllm:request_generation_tokens"):
+        assert delta(name, name + "_count") == requests, name  # one observation per request
+    assert delta("vllm:request_generation_tokens", "vllm:request_generation_tokens_sum") == requests * max_tokens
+    assert delta("vllm:request_prompt_tokens", "vllm:request_prompt_tokens_sum") == prompt_tokens
+    assert delta("vllm:request_success", "vllm:request_success_total", finished_reason="length") == requests
+    assert delta("vllm:generation_tokens", "vllm:generation_tokens_total") == requests * max_tokens
+    assert delta("vllm:prompt_tokens", "vllm:prompt_tokens_total") == prompt_tokens
+    itl = delta("vllm:inter_token_latency_seconds", "vllm:inter_token_latency_seconds_count")
+    assert 0 < itl <= requests * (max_tokens - 1)
+    assert itl == delta("vllm:time_per_output_token_seconds", "vllm:time_per_output_token_seconds_count")
+    queue = delta("vllm:request_queue_time_seconds", "vllm:request_queue_time_seconds_sum")
+    assert 0 <= queue <= delta("vllm:time_to_first_token_seconds", "vllm:time_to_first_token_seconds_sum")
 
 
 def test_completion_usage_equals_tokenizer_counts(server, client, rng):

@@ -11,11 +11,10 @@ import threading
 
 import pytest
 
-from api.metrics import EngineStats
 from api.server import create_app
 from engine.async_engine import AsyncLLMEngine
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import EngineStats, LLMEngine
 from tests.test_server import Server, parse_metrics, parse_sse
 
 
