@@ -39,8 +39,9 @@ def _fraction(text: str) -> float:
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_tag", nargs="?", metavar="MODEL",
-                   help="model directory or Hugging Face name in the local cache (same as --model)")
+                   help="model directory or Hugging Face name, cached or downloaded (same as --model)")
     p.add_argument("--model", help="model directory or Hugging Face name; default: the built-in demo model")
+    p.add_argument("--revision", help="the Hub model's branch, tag or commit (default: main)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", nargs="+", metavar="NAME",
@@ -122,7 +123,7 @@ def engine_config(args: argparse.Namespace):
     from engine.config import EngineConfig
 
     fields = {f.name for f in dataclasses.fields(EngineConfig) if f.init}
-    kw = dict(model=model_arg(args) or "", dtype=DTYPE_ALIASES.get(args.dtype, args.dtype), seed=args.seed,
+    kw = dict(model=model_path_arg(args), dtype=DTYPE_ALIASES.get(args.dtype, args.dtype), seed=args.seed,
               device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
               num_kv_blocks=args.num_gpu_blocks_override, chat_template=chat_template_arg(args.chat_template),
               generation_config=generation_config_arg(args.generation_config), load_format=args.load_format)
@@ -145,6 +146,18 @@ def model_arg(args: argparse.Namespace) -> str | None:
     if args.model_tag and args.model and args.model_tag != args.model:
         raise CLIError(f"two models given: {args.model_tag!r} (positional) and --model {args.model!r}")
     return args.model_tag or args.model
+
+
+def model_path_arg(args: argparse.Namespace) -> str:
+    """The model as given; with --revision, the snapshot directory of that revision (the engine resolves a Hub id
+    at its default revision itself)."""
+    model = model_arg(args) or ""
+    if args.revision is None:
+        return model
+    if not model:
+        raise CLIError("--revision names a revision of a Hugging Face model: give the model's id too")
+    from engine.loader import resolve_model_path
+    return resolve_model_path(model, revision=args.revision)
 
 
 def api_key_arg(args: argparse.Namespace) -> str | None:

@@ -1,5 +1,6 @@
-"""Find a model's directory (a local path or the Hugging Face cache, never the network) and read its
-safetensors weights (one file, an index of shards, or loose files) through memory maps."""
+"""Find a model's directory (a local path, or a Hugging Face Hub repo through huggingface_hub: its cache, and a
+download when online) and read its safetensors weights (one file, an index of shards, or loose files) through
+memory maps."""
 from __future__ import annotations
 
 import glob
@@ -11,6 +12,7 @@ import zlib
 import numpy as np
 
 from engine.safetensors import FLOAT_DTYPES, SafetensorsError, SafetensorsFile, to_float32
+from ops.storage import WeightsError  # the backends' weight loaders raise it too
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -19,68 +21,62 @@ MAX_LISTED = 20  # a checkpoint for another architecture would otherwise print h
 
 # A Hub repo id: "org/name" with the characters the Hub allows; anything else is a local path.
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# What a model directory needs from a Hub repo, and all that is downloaded: the weights (one file, or shards and
+# their index), config.json, the tokenizer with its chat template, the generation defaults.
+HUB_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+             "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json")
+# The top level only (original/ or onnx/ folders hold other formats), and not Mistral's consolidated.safetensors
+# (a second copy of the weights under other tensor names, which the loader would not read anyway).
+HUB_IGNORED = ("*/*", "consolidated*")
 
 
 class ModelNotFoundError(ValueError):
-    """Neither a local directory nor a cached Hub snapshot; the message lists every place looked."""
+    """Neither a local directory nor a Hub snapshot found or fetched; the message says every place looked."""
 
 
-class WeightsError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file and the tensor."""
-
-
-def hub_cache_dir() -> str:
-    """The Hugging Face hub cache, resolved the way huggingface_hub resolves it."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
-    return os.path.join(os.path.expanduser(xdg), "huggingface", "hub")
-
-
-def resolve_model_path(model: str) -> str:
-    """A local directory as given, else the cached snapshot of Hub repo `org/name`. Never downloads."""
+def resolve_model_path(model: str, revision: str | None = None) -> str:
+    """A local directory as given; else the snapshot directory of Hub repo `org/name` at `revision` (a branch, tag
+    or commit; default main), through huggingface_hub: with HF_HUB_OFFLINE set, the cached snapshot only; else
+    the revision asked of the Hub and the HUB_FILES the cache lacks downloaded. The cache is huggingface_hub's
+    (HF_HUB_CACHE, HF_HOME). huggingface_hub is imported only here: local directories need no Hub library."""
     local = os.path.expanduser(model)
     if os.path.isdir(local):
         return local
-    looked = [f"{os.path.abspath(local)} (no such directory)"]
-    if _REPO_ID.match(model):
-        org, name = model.split("/")
-        repo_dir = os.path.join(hub_cache_dir(), f"models--{org}--{name}")
-        snapshot = _cached_snapshot(repo_dir, looked)
-        if snapshot is not None:
-            return snapshot
-    places = "\n".join(f"  - {place}" for place in looked)
+    looked = f"{os.path.abspath(local)} (no such directory)"
+    if not _REPO_ID.match(model):
+        raise ModelNotFoundError(f"model {model!r} not found: {looked}; nor is it a Hugging Face repo id (org/name). "
+                                 "Pass a local directory holding config.json and *.safetensors, or a Hub id")
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants
+        from huggingface_hub.utils import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                           RevisionNotFoundError)
+    except ImportError:
+        raise ModelNotFoundError(
+            f"model {model!r}: {looked}, and serving a Hub model by id needs huggingface_hub, which is not "
+            "installed: `pip install 'huggingface_hub>=0.23'`, or pass the model's local directory") from None
+    offline = bool(constants.HF_HUB_OFFLINE)
+    at = f"revision {revision or 'main'!r}"
+    try:
+        return huggingface_hub.snapshot_download(model, revision=revision, allow_patterns=list(HUB_FILES),
+                                                 ignore_patterns=list(HUB_IGNORED), local_files_only=offline)
+    except RevisionNotFoundError as e:
+        reason, error = f"the Hub has no {at}", e
+    except RepositoryNotFoundError as e:  # GatedRepoError included
+        reason, error = ("no such repository on the Hub, or a private or gated one: log in (`hf auth login`) or "
+                         "set HF_TOKEN"), e
+    except LocalEntryNotFoundError as e:  # not cached (or only partly), and no download
+        reason, error = ("not cached, and HF_HUB_OFFLINE is set: nothing was downloaded" if offline else
+                         "not cached, and the Hub could not be reached"), e
+    except HfHubHTTPError as e:
+        reason, error = "the Hub refused the request", e
     raise ModelNotFoundError(
-        f"model {model!r} not found. Looked in:\n{places}\n"
-        "cupyllm never downloads models (no download was attempted). Pass a local directory holding "
-        "config.json and *.safetensors, or fetch the model first, e.g. `huggingface-cli download "
-        f"{model}`, with HF_HUB_CACHE or HF_HOME pointing at the cache it fills.")
-
-
-def _cached_snapshot(repo_dir: str, looked: list[str]) -> str | None:
-    """The snapshot refs/main names, else the only (or newest) snapshot; appends misses to `looked`."""
-    snapshots = os.path.join(repo_dir, "snapshots")
-    if not os.path.isdir(snapshots):
-        looked.append(f"{snapshots} (not in the Hugging Face cache)")
-        return None
-    ref = os.path.join(repo_dir, "refs", "main")
-    if os.path.isfile(ref):
-        with open(ref, encoding="utf-8") as f:
-            revision = f.read().strip()
-        path = os.path.join(snapshots, revision)
-        if os.path.isdir(path):
-            return path
-        # refs/main is the truth about which revision is current: an older snapshot would be stale
-        looked.append(f"{path} (refs/main names revision {revision!r}, but that snapshot is missing)")
-        return None
-    candidates = [os.path.join(snapshots, d) for d in os.listdir(snapshots)]
-    candidates = [c for c in candidates if os.path.isdir(c)]
-    if not candidates:
-        looked.append(f"{snapshots} (no refs/main and no snapshot directories)")
-        return None
-    return max(candidates, key=os.path.getmtime)
+        f"model {model!r} not found. Looked in:\n  - {looked}\n"
+        f"  - the Hugging Face cache {constants.HF_HUB_CACHE}, for {model} at {at}: {reason}\n"
+        f"huggingface_hub said: {error}\n"
+        "Pass a local directory holding config.json and *.safetensors, or fetch the model first "
+        f"(`hf download {model}`; older huggingface_hub: `huggingface-cli download {model}`), with HF_HUB_CACHE "
+        "or HF_HOME pointing at the cache it fills.") from error
 
 
 class CheckpointWeights:

@@ -81,10 +81,10 @@ class ModelRunner:
         self.graphs = self.verify_graphs = None
         self._last_sampled = None  # numpy backend: the ids of its last deferred step
         if backend.name == "cuda" and not engine_config.enforce_eager:
-            from graphs.manager import DecodeGraphs
+            from graphs.manager import DecodeGraphs, capture_sizes
             t0 = time.perf_counter()
-            backend.prepare_decode(model_config, engine_config.scheduler.max_num_seqs, self.max_model_len,
-                                   fp8=self.model.fp8)
+            backend.prepare_decode(model_config, capture_sizes(engine_config.scheduler.max_num_seqs),
+                                   self.max_model_len, fp8=self.model.fp8)
             self.stage_times["GEMM tuning"] = time.perf_counter() - t0
             self.graphs = DecodeGraphs(self.model, self.kv_caches, engine_config.scheduler.max_num_seqs,
                                        self.max_model_len, self.block_size, model_config.vocab_size)

@@ -14,21 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# safetensors dtype name -> (numpy storage dtype, bytes per element)
-DTYPES = {
-    "F32": np.dtype("<f4"),
-    "F16": np.dtype("<f2"),
-    "BF16": np.dtype("<u2"),
-    "F64": np.dtype("<f8"),
-    "I64": np.dtype("<i8"),
-    "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"),
-    "I8": np.dtype("i1"),
-    "U8": np.dtype("u1"),
-    "F8_E4M3": np.dtype("u1"),  # E4M3 bit patterns (FP8 checkpoints)
-    "BOOL": np.dtype("?"),
-}
-FLOAT_DTYPES = ("F32", "F16", "BF16")
+# The dtype table and the bf16 rounding are shared with the backends, which place these bits on a device: they
+# live in ops/storage.py, and are handed on here under the names this module has always given them.
+from ops.storage import FLOAT_DTYPES, bf16_bits_to_float32, float32_to_bf16_bits  # noqa: F401
+from ops.storage import SAFETENSORS_DTYPES as DTYPES
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -117,18 +107,11 @@ class SafetensorsFile:
 def to_float32(array: np.ndarray, dtype: str) -> np.ndarray:
     """Widen a stored tensor to float32; `dtype` is its safetensors name."""
     if dtype == "BF16":
-        return (array.astype(np.uint32) << 16).view(np.float32)
+        return bf16_bits_to_float32(array)
     if dtype == "F8_E4M3":
         from ops.jit.dtypes import e4m3_bits_to_float32
         return e4m3_bits_to_float32(array)
     return array.astype(np.float32)
-
-
-def float32_to_bf16_bits(array: np.ndarray) -> np.ndarray:
-    """Round float32 to bfloat16 (nearest even) and return the uint16 bit patterns."""
-    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
-    rounding = ((bits >> 16) & 1) + 0x7FFF
-    return ((bits + rounding) >> 16).astype(np.uint16)
 
 
 def save_file(tensors: dict[str, np.ndarray], path: str, dtypes: dict[str, str] | None = None,

@@ -28,6 +28,7 @@ import logging
 import time
 
 import numpy as np
+from tqdm import tqdm
 
 from ops.metadata import AttentionMetadata
 from ops.sampling import DeferredSample, SamplerOutput, SamplingTensors
@@ -116,7 +117,9 @@ class DecodeGraphs:
         cp = self.cp
         t0 = time.perf_counter()
         with self.stream, cp.cuda.using_allocator(self.pool.malloc):
-            for size in reversed(self.sizes):
+            # a bar on a terminal only (disable=None: none when stderr is not a TTY), and only past half a second
+            for size in tqdm(self.sizes[::-1], desc="capturing graphs", unit="graph", disable=None, leave=False,
+                             delay=0.5):
                 self._forward(size)  # eager once: kernels loaded, cuBLASLt plans built, before capture
                 self.stream.begin_capture()
                 self.logits[size] = self._forward(size)

@@ -1,17 +1,16 @@
-"""Tests for engine/loader.py: finding a model (local dir or Hugging Face cache) and reading weights.
+"""Tests for engine/loader.py: reading weights (finding a model: tests/test_model_hub.py).
 Checkpoints come from torch, transformers and engine.safetensors; every error names file and tensor."""
 from __future__ import annotations
 
 import json
 import mmap
-import os
 import struct
 import tracemalloc
 
 import numpy as np
 import pytest
 
-from engine.loader import CheckpointWeights, ModelNotFoundError, WeightsError, resolve_model_path
+from engine.loader import CheckpointWeights, WeightsError
 from engine.safetensors import float32_to_bf16_bits, save_file
 
 torch = pytest.importorskip("torch")
@@ -24,16 +23,6 @@ def rng():
     print(f"seed={seed}")
     torch.manual_seed(seed)
     return np.random.default_rng(seed)
-
-
-@pytest.fixture
-def hub_env(monkeypatch, tmp_path):
-    """No cache variable leaks in from the machine running the tests; HOME points into tmp."""
-    for var in ("HF_HUB_CACHE", "HF_HOME", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.chdir(tmp_path)
-    return monkeypatch
 
 
 def write_raw(path, header: dict, data: bytes, header_len: int | None = None) -> None:
@@ -52,23 +41,6 @@ def torch_checkpoint(dir_path, rng) -> dict:
     }
     safetensors_torch.save_file(tensors, str(dir_path / "model.safetensors"))
     return tensors
-
-
-def snapshot(hub, repo: str, revision: str, mtime: float | None = None):
-    org, name = repo.split("/")
-    path = hub / f"models--{org}--{name}" / "snapshots" / revision
-    path.mkdir(parents=True)
-    (path / "config.json").write_text("{}")
-    if mtime is not None:
-        os.utime(path, (mtime, mtime))
-    return path
-
-
-def set_ref(hub, repo: str, revision: str) -> None:
-    org, name = repo.split("/")
-    ref = hub / f"models--{org}--{name}" / "refs" / "main"
-    ref.parent.mkdir(parents=True, exist_ok=True)
-    ref.write_text(revision)
 
 
 # ---- values ---------------------------------------------------------------------------------------
@@ -153,63 +125,6 @@ def test_loose_files_without_index_are_all_read(tmp_path, rng):
     with CheckpointWeights(tmp_path) as weights:
         assert sorted(weights.names()) == ["a", "b"]
         np.testing.assert_array_equal(weights.get("b"), b.astype(np.float16).astype(np.float32))
-
-
-# ---- finding the model ----------------------------------------------------------------------------
-
-def test_existing_directory_is_returned_as_is(hub_env, tmp_path):
-    (tmp_path / "org" / "name").mkdir(parents=True)  # a local dir wins over a cache lookup
-    assert resolve_model_path("org/name") == "org/name"
-    assert resolve_model_path(str(tmp_path)) == str(tmp_path)
-
-
-def test_hf_hub_cache_honours_refs_main(hub_env, tmp_path):
-    hub = tmp_path / "hub"
-    hub_env.setenv("HF_HUB_CACHE", str(hub))
-    hub_env.setenv("HF_HOME", str(tmp_path / "elsewhere"))  # HF_HUB_CACHE takes precedence
-    pinned = snapshot(hub, "Qwen/Qwen2-0.5B", "aaa111", mtime=1_000_000)
-    snapshot(hub, "Qwen/Qwen2-0.5B", "bbb222", mtime=2_000_000)  # newer, but not what refs/main says
-    set_ref(hub, "Qwen/Qwen2-0.5B", "aaa111\n")
-    assert resolve_model_path("Qwen/Qwen2-0.5B") == str(pinned)
-
-
-def test_hf_home_hub_single_snapshot_without_ref(hub_env, tmp_path):
-    hub_env.setenv("HF_HOME", str(tmp_path / "hfhome"))
-    only = snapshot(tmp_path / "hfhome" / "hub", "meta-llama/Llama-3.2-1B", "c0ffee")
-    assert resolve_model_path("meta-llama/Llama-3.2-1B") == str(only)
-
-
-def test_default_cache_newest_snapshot_without_ref(hub_env, tmp_path):
-    hub = tmp_path / "home" / ".cache" / "huggingface" / "hub"
-    snapshot(hub, "org/m", "old", mtime=1_000_000)
-    newest = snapshot(hub, "org/m", "new", mtime=3_000_000)
-    snapshot(hub, "org/m", "mid", mtime=2_000_000)
-    assert resolve_model_path("org/m") == str(newest)
-
-
-def test_not_found_lists_every_place_and_downloads_nothing(hub_env, tmp_path):
-    hub_env.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(ModelNotFoundError) as e:
-        resolve_model_path("org/absent")
-    msg = str(e.value)
-    assert str(tmp_path / "org" / "absent") in msg
-    assert str(tmp_path / "hub" / "models--org--absent" / "snapshots") in msg
-    assert "no download" in msg and "local directory" in msg
-    assert not (tmp_path / "hub").exists()
-
-
-def test_refs_main_naming_a_missing_snapshot_is_not_found(hub_env, tmp_path):
-    hub_env.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    snapshot(tmp_path / "hub", "org/m", "stale")
-    set_ref(tmp_path / "hub", "org/m", "fresh")
-    with pytest.raises(ModelNotFoundError, match="fresh"):
-        resolve_model_path("org/m")
-
-
-def test_local_path_that_is_not_a_repo_id(hub_env, tmp_path):
-    with pytest.raises(ModelNotFoundError) as e:
-        resolve_model_path(str(tmp_path / "no" / "such" / "model"))
-    assert str(tmp_path / "no" / "such" / "model") in str(e.value) and "models--" not in str(e.value)
 
 
 # ---- broken checkpoints ---------------------------------------------------------------------------

@@ -15,8 +15,7 @@ from ops.cuda import basic as _basic
 from ops.cuda import sampling as _sampling
 from ops.cuda.linear import Linear
 from ops.cuda.upload import WeightUploader
-
-_STORAGE = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16), "float32": np.dtype(np.float32)}
+from ops.storage import STORAGE, bf16_bits_to_float32, float32_to_bf16_bits
 
 
 class CudaBackend:
@@ -27,7 +26,7 @@ class CudaBackend:
         if dtype not in ("float16", "bfloat16"):
             raise ValueError(f"the CUDA backend runs float16 or bfloat16, got {dtype!r}")
         self.dtype_name = dtype
-        self.dtype = _STORAGE[dtype]
+        self.dtype = STORAGE[dtype]
         self._linear = Linear()
 
     # memory
@@ -56,8 +55,7 @@ class CudaBackend:
         w *= std
         w += mean
         if self.dtype_name == "bfloat16":
-            bits = w.view(cp.uint32)
-            return ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).astype(cp.uint16)  # round to nearest even
+            return float32_to_bf16_bits(w, cp)  # round to nearest even
         return w.astype(self.dtype)
 
     def to_host(self, array) -> np.ndarray:
@@ -80,11 +78,10 @@ class CudaBackend:
     def release_cached_memory(self) -> None:
         cp.get_default_memory_pool().free_all_blocks()
 
-    def prepare_decode(self, config, max_num_seqs: int, max_model_len: int, fp8: bool = False) -> None:
+    def prepare_decode(self, config, sizes: list[int], max_model_len: int, fp8: bool = False) -> None:
         """Before graph capture: the split-KV workspace for every batch size, and GEMM algorithms
-        tuned (or read from the on-disk cache) for the decode shapes (fp8: the projections' as FP8 GEMMs)."""
-        from graphs.manager import capture_sizes
-        sizes = capture_sizes(max_num_seqs)
+        tuned (or read from the on-disk cache) for the decode shapes (fp8: the projections' as FP8 GEMMs).
+        `sizes`: the decode batch sizes the graphs will capture, ascending (graphs.manager.capture_sizes)."""
         _attention.reserve_decode_workspace(sizes[-1], config.num_attention_heads, config.num_key_value_heads,
                                             config.head_dim, max_model_len)
         h, qkv = config.hidden_size, config.q_size + 2 * config.kv_size
@@ -167,14 +164,13 @@ def require_fp8() -> None:
 def to_storage(array: np.ndarray, dtype_name: str) -> np.ndarray:
     """float32 host array -> the host storage of `dtype_name` (bfloat16 as uint16 bits, rounded to nearest even)."""
     if dtype_name == "bfloat16":
-        from engine.safetensors import float32_to_bf16_bits
         return float32_to_bf16_bits(array)
-    return array.astype(_STORAGE[dtype_name])
+    return array.astype(STORAGE[dtype_name])
 
 
 def to_float32(array) -> np.ndarray:
     """Device array in storage dtype -> float32 host array (tests compare against the numpy oracle)."""
     host = cp.asnumpy(array)
     if host.dtype == np.uint16:
-        return (host.astype(np.uint32) << 16).view(np.float32)
+        return bf16_bits_to_float32(host)
     return host.astype(np.float32)

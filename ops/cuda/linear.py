@@ -12,14 +12,15 @@ import warnings
 
 import cupy as cp
 import numpy as np
+from tqdm import tqdm
 
 from ops import autotune, jit_ops, quant
 from ops.cuda.gemv import gemv_fp8
 from ops.cublaslt import MAX_ALIGNMENT, CublasLt, CublasLtError, Plan, PlanKey, pointer_alignment
 from ops.quant import Fp8Activation, Fp8Weight
+from ops.storage import HALF_NAMES as _DTYPE_NAMES  # storage -> "float16" / "bfloat16" (bf16 travels as uint16 bits)
 
 WORKSPACE_BYTES = 32 * 2**20  # what cuBLAS asks for on Hopper; split-K and stream-K algorithms use it
-_DTYPE_NAMES = {np.dtype(np.float16): "float16", np.dtype(np.uint16): "bfloat16"}  # bf16 travels as uint16 bits
 
 
 def _row_stride(a, name: str) -> int:
@@ -166,7 +167,8 @@ class Linear:
         self._ensure()
         dtype = dtype if isinstance(dtype, str) and dtype in ("float16", "bfloat16") else _DTYPE_NAMES[np.dtype(dtype)]
         records = {}
-        for m, n, k, bias in shapes:
+        # a bar on a terminal only (disable=None: none when stderr is not a TTY), and only past half a second
+        for m, n, k, bias in tqdm(shapes, desc="tuning GEMMs", unit="shape", disable=None, leave=False, delay=0.5):
             scales, out_dtype = "", dtype
             if fp8:
                 outer = self._outer_plan(PlanKey(dtype, m, n, k, bool(bias), k, n, MAX_ALIGNMENT, "outer"))

@@ -12,14 +12,14 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 
 import cupy as cp
 import numpy as np
+from tqdm import tqdm
 
-from engine.loader import WeightsError
-from engine.progress import Progress
-from engine.safetensors import DTYPES, FLOAT_DTYPES
 from ops import quant
+from ops.storage import FLOAT_DTYPES, SAFETENSORS_DTYPES, STORAGE, WeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,6 @@ logger = logging.getLogger(__name__)
 # nothing overlaps) stays short. Tensors smaller than a buffer still alternate buffers, so they overlap too.
 STAGING_BYTES = 64 * 2**20
 
-_STORAGE = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16)}  # bfloat16 as uint16 bits
 _BITS = {"F32": "uint32", "F16": "uint16", "BF16": "uint16"}  # the kernels read stored values as raw bits
 
 # Integer arithmetic on the bits, not the hardware conversions: those give every NaN one canonical
@@ -60,7 +59,7 @@ __device__ unsigned int f16_to_f32_bits(unsigned short h) {  // exact
     return sign | __float_as_uint((float)m * 5.9604644775390625e-8f);        // zero, subnormal: m * 2^-24
 }
 
-__device__ unsigned short f32_to_bf16_bits(unsigned int x) {  // engine.safetensors.float32_to_bf16_bits
+__device__ unsigned short f32_to_bf16_bits(unsigned int x) {  // ops.storage.float32_to_bf16_bits
     return (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;            // wraps mod 2^32 as numpy's uint32 does
 }
 """
@@ -89,7 +88,7 @@ def float_bytes(weights) -> tuple[int, int]:
     for name in weights.names():
         _, dtype, shape = weights.info(name)
         if dtype in FLOAT_DTYPES:
-            nbytes = DTYPES[dtype].itemsize * math.prod(shape)
+            nbytes = SAFETENSORS_DTYPES[dtype].itemsize * math.prod(shape)
             total, largest = total + nbytes, max(largest, nbytes)
     return total, largest
 
@@ -104,7 +103,7 @@ class WeightUploader:
     """
 
     def __init__(self, weights, dtype_name: str, staging_bytes: int = STAGING_BYTES):
-        if dtype_name not in _STORAGE:
+        if dtype_name not in ("float16", "bfloat16"):
             raise ValueError(f"dtype_name must be float16 or bfloat16, got {dtype_name!r}")
         if staging_bytes < 4 or staging_bytes % 4:
             raise ValueError(f"staging_bytes must be a positive multiple of 4 (whole F32 values), got {staging_bytes}")
@@ -113,7 +112,9 @@ class WeightUploader:
 
     def __enter__(self) -> "WeightUploader":
         total, largest = float_bytes(self.weights)
-        self.progress = Progress(total, logger=logger)  # its clock starts here: pinning counts toward the rate
+        self._start, self._done = time.perf_counter(), 0  # pinning counts toward the rate
+        # a bar on a terminal only (disable=None: none when stderr is not a TTY); the summary is logged either way
+        self.progress = tqdm(total=total, desc="loading weights", unit="B", unit_scale=True, disable=None, leave=False)
         # a tiny model (the tests, the demo) pins no more than its largest tensor
         self.chunk_bytes = min(self.staging_bytes, max(4, -(-largest // 4) * 4))
         self.stream = cp.cuda.Stream(non_blocking=True)
@@ -136,10 +137,11 @@ class WeightUploader:
             # Dropped pinned blocks stay cached in CuPy's pinned pool; up to 128 MiB of page-locked RAM is worth
             # handing back to the OS for the life of a server.
             cp.get_default_pinned_memory_pool().free_all_blocks()
+            self.progress.close()
             if exc_type is None:
-                self.progress.finish()
-            else:
-                self.progress.close()
+                seconds = time.perf_counter() - self._start
+                logger.info("loaded %.2f GB of weights in %.1f s (%.1f GB/s)", self._done / 1e9, seconds,
+                            self._done / 1e9 / seconds if seconds > 0 else 0.0)
 
     def __call__(self, *names: str):
         """Tensor `names[0]`, or several tensors merged along their first axis (q/k/v, gate/up): each is
@@ -155,7 +157,7 @@ class WeightUploader:
                 raise WeightsError(f"cannot merge {', '.join(names)} along the first axis: shapes "
                                    f"{', '.join(str(list(s)) for s in shapes)}")
             shape = (sum(s[0] for s in shapes), *shape[1:])
-        out = cp.empty(shape, _STORAGE[self.dtype_name])
+        out = cp.empty(shape, STORAGE[self.dtype_name])
         compute = cp.cuda.get_current_stream()
         # The pool hands out blocks freed on the compute stream that its queued work may still read: the
         # copy stream writes `out` (and the scratch) only after that work.
@@ -194,6 +196,7 @@ class WeightUploader:
                 with self.stream:  # stream order: after this chunk's copy, before the next chunk's
                     kernel(self._scratch[:chunk.nbytes].view(_BITS[stored]),
                            out_bits[at + start:at + start + chunk.size])
+            self._done += chunk.nbytes
             self.progress.update(chunk.nbytes)
         return source.size
 

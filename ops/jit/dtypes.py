@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ops import storage
+
 
 @dataclass(frozen=True)
 class DType:
@@ -24,9 +26,9 @@ class DType:
         return self.name
 
 
-float32 = DType("float32", np.dtype(np.float32), "float", "float", True)
-float16 = DType("float16", np.dtype(np.float16), "unsigned short", "float", True)
-bfloat16 = DType("bfloat16", np.dtype(np.uint16), "unsigned short", "float", True)
+float32 = DType("float32", storage.STORAGE["float32"], "float", "float", True)
+float16 = DType("float16", storage.STORAGE["float16"], "unsigned short", "float", True)
+bfloat16 = DType("bfloat16", storage.STORAGE["bfloat16"], "unsigned short", "float", True)
 float8_e4m3 = DType("float8_e4m3", np.dtype(np.uint8), "unsigned char", "float", True)
 int32 = DType("int32", np.dtype(np.int32), "int", "int", False)
 bool_ = DType("bool", np.dtype(np.bool_), "bool", "bool", False)
@@ -68,15 +70,12 @@ def promote(a: DType, b: DType) -> DType:
 
 # host conversions: the interpreter's loads and stores, bit for bit as the generated CUDA does them
 
-def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+bf16_bits_to_float32 = storage.bf16_bits_to_float32
 
 
 def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """Round to nearest even (cvt.rn.bf16.f32); NaN stays a quiet NaN."""
-    bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
-    rounded = ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
-    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)
+    """Round to nearest even (cvt.rn.bf16.f32); NaN becomes the canonical quiet NaN, as the instruction gives it."""
+    return np.where(np.isnan(x), np.uint16(0x7FC0), storage.float32_to_bf16_bits(x))
 
 
 def _e4m3_table() -> np.ndarray:
