@@ -11,7 +11,7 @@ finish_reason becomes "tool_calls" where the model chose to call (auto, required
 """
 from __future__ import annotations
 
-from api.tool_parsers import get_parser, parse_named_output, parse_required_output
+from api.tool_parsers import get_parser, new_call_id, parse_named_output, parse_required_output
 
 
 class ChoiceTools:
@@ -49,9 +49,8 @@ class ChoiceTools:
             return []
         out = []
         if self._named_id is None:
-            call = parse_named_output(self.named, "{}")[0]
-            self._named_id = call["id"]
-            out.append({"tool_calls": [{"index": 0, "id": call["id"], "type": "function",
+            self._named_id = new_call_id()
+            out.append({"tool_calls": [{"index": 0, "id": self._named_id, "type": "function",
                                         "function": {"name": self.named, "arguments": ""}}]})
             self.called = True
         out.append({"tool_calls": [{"index": 0, "function": {"arguments": text}}]})

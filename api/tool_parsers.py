@@ -58,7 +58,7 @@ _WS = " \t\n\r"  # JSON whitespace
 # shared pieces
 
 
-def _call_id() -> str:
+def new_call_id() -> str:
     return "call_" + secrets.token_hex(12)
 
 
@@ -200,7 +200,7 @@ class ToolParser:
     # -- helpers for subclasses
 
     def _new_id(self) -> str:
-        return _call_id()
+        return new_call_id()
 
     def _tool_call(self, name: str, arguments: str) -> dict:
         """A complete tool call, as in a non-streaming message."""
@@ -703,7 +703,7 @@ def parse_required_output(text: str) -> list[dict]:
         args = _arguments_text(item.get("parameters"))
         if args is None:
             return []
-        calls.append({"id": _call_id(), "type": "function", "function": {"name": item["name"], "arguments": args}})
+        calls.append({"id": new_call_id(), "type": "function", "function": {"name": item["name"], "arguments": args}})
     return calls
 
 
@@ -714,4 +714,4 @@ def parse_named_output(name: str, text: str) -> list[dict]:
     args = _arguments_text(value) if isinstance(value, dict) else None
     if args is None:
         return []
-    return [{"id": _call_id(), "type": "function", "function": {"name": name, "arguments": args}}]
+    return [{"id": new_call_id(), "type": "function", "function": {"name": name, "arguments": args}}]

@@ -18,33 +18,13 @@ from engine.sampling_params import SamplingParams
 from ops.cuda import sampling as gpu
 from ops.cuda import to_float32, to_storage
 from ops.sampling import SamplingTensors
+from tests.test_token_mask_cpu import random_mask  # the row kinds of the emulator's test
 
 VOCABS = (152064, 1003)
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_FLIPS = 1  # seeded rows: float rounding may flip a near tie (tests/gpu/test_sampling.py's argument)
 LOGPROB_ATOL = 1e-4
 NEG_INF_BITS = {"float32": 0xff800000, "float16": 0xfc00, "bfloat16": 0xff80}
-
-
-def random_mask(rng, batch: int, vocab: int) -> np.ndarray:
-    """Row kinds in turn: all ones (no grammar), one allowed token, ~40 allowed, random bits, one word's worth."""
-    words = -(-vocab // 32)
-    mask = np.zeros((batch, words), np.int32)
-    for i in range(batch):
-        kind = i % 5
-        if kind == 0:
-            mask[i] = -1
-        elif kind == 1:
-            tok = vocab - 1 if i == 1 else int(rng.integers(vocab))  # the last token: the partial word
-            mask[i, tok >> 5] = np.uint32(1 << (tok & 31)).view(np.int32)
-        elif kind == 2:
-            for tok in rng.choice(vocab, 40, replace=False):
-                mask[i, tok >> 5] |= np.uint32(1 << (int(tok) & 31)).view(np.int32)
-        elif kind == 3:
-            mask[i] = rng.integers(-2**31, 2**31, words, dtype=np.int64).astype(np.int32)
-        else:
-            mask[i, int(rng.integers(words))] = -1
-    return mask
 
 
 def allowed(mask: np.ndarray, vocab: int) -> np.ndarray:
