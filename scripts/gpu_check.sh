@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call on the H100: logs and JSON under $OUT, a short table last.
-# Usage: scripts/gpu_check.sh [all|tests|bench|serve] [pytest -k expression]
+# Usage: scripts/gpu_check.sh MODE[,MODE...] [pytest -k expression]   (modes below; all = tests,bench,serve)
 #   tests  tests/gpu but test_serve_gpu.py (serve runs it) -> $OUT/gpu_tests.{log,xml}
 #   bench  perf/gpu_*.py -> $OUT/bench.{jsonl,log}
 #   serve  the HTTP server on the GPU: installs the server's wheels carried in .whl/ (sanic, orjson, openai and
@@ -13,8 +13,8 @@
 #          N = 1..256) -> $OUT/engine.{jsonl,log}; a warm restart (everything cached) -> $OUT/engine_warm.jsonl;
 #          the JIT kernels against the hand ones -> $OUT/kernels.{jsonl,log}; then tests/gpu -> $OUT/gpu_tests.log.
 #          About 6 minutes on an H100.
-#   spec   issue #14: tests/gpu/test_spec_gpu.py, the acceptance-controlled benchmark and the verify cost curve
-#          -> $OUT/spec_tests.log, $OUT/spec.{jsonl,log}
+#   spec   issue #14: tests/gpu/test_spec_gpu.py, eager verify steps then verify graphs -> $OUT/spec_tests.log
+#   specbench  issue #14: the acceptance-controlled benchmark and the verify cost curve -> $OUT/spec.{jsonl,log}
 #   structured  issue #16: tests/gpu/test_token_mask.py, the host's mask cost and the engine benchmark at N = 1, 16
 #          plain and with a JSON schema on every request (7B shape, stand-in 152K tokenizer) -> $OUT/structured.*
 #   fp8    issue #13: cuBLASLt's FP8 enums against the machine's headers, tests/gpu/test_fp8_gpu.py and the FP8-cache
@@ -30,10 +30,22 @@ mkdir -p "$OUT"
 what=${1:-all}
 filter=${2:-}
 status=0
-case $what in
-  all | tests | bench | serve | jit | fp8 | spec | structured) ;;
-  *) echo "usage: $0 [all|tests|bench|serve|jit|fp8|spec|structured] [pytest -k expression]" >&2; exit 2 ;;
-esac
+[[ $what == all ]] && what=tests,bench,serve
+for mode in ${what//,/ }; do
+  case $mode in
+    tests | bench | serve | jit | fp8 | spec | specbench | structured) ;;
+    *) echo "usage: $0 [all|tests|bench|serve|jit|fp8|spec|specbench|structured][,more modes] [pytest -k expression]" >&2
+       exit 2 ;;
+  esac
+done
+want() { [[ ",$what," == *",$1,"* ]]; }  # modes run in this file's order, whatever order they are named in
+
+# Every mode needs tqdm (weights upload, graph capture); serve and structured more: install what .whl/ carries
+# (cp ../shared/device-wheels/*.whl .whl/ and the wheels the device README says how to fetch; carry .whl).
+if compgen -G ".whl/*.whl" >/dev/null; then
+  timeout 90 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
 
 # The serving benchmark (issue #6). 16 clients in a closed loop, 128 output tokens after prompts of 512 tokens
 # (compare_vllm.sh's default: every request brings prefill work into the running batch, as real traffic does, and
@@ -53,7 +65,7 @@ SERVE_OUTPUT_LEN=${SERVE_OUTPUT_LEN:-128}
   git rev-parse --short HEAD 2>/dev/null || true
 } 2>&1 | tee "$OUT/env.txt"
 
-if [[ $what == jit ]]; then
+if want jit; then
   ENGINE_ARGS="--model perf/configs/qwen2.5-7b --load-format dummy --dtype float16 --input-len 32"
   echo "== engine benchmark, nothing cached on this machine yet"
   timeout 240 python3 -m api.cli benchmark $ENGINE_ARGS --output-len 512 --n 1,16,64,128,256 \
@@ -89,21 +101,20 @@ spec() {
   done
 }
 
-if [[ $what == spec ]]; then  # issue #14: the GPU tests, then spec() (SPEC_COST_K picks the cost curve's K)
+if want spec; then  # issue #14: the GPU tests, then spec() (SPEC_COST_K picks the cost curve's K)
   for g in 0 1; do  # eager verify steps, then the verify graphs (CUPYLLM_VERIFY_GRAPHS=1)
     CUPYLLM_VERIFY_GRAPHS=$g timeout 90 python3 -m pytest -q -rfE -s --tb=short tests/gpu/test_spec_gpu.py \
       >> "$OUT/spec_tests.log" 2>&1 || status=1
   done
-  export CUPYLLM_VERIFY_GRAPHS=1
   grep -E "drafts|^FAILED|^E |passed|failed" "$OUT/spec_tests.log" | tail -20
-  spec
+fi
+if want specbench; then  # issue #14's benchmarks, with the verify graphs
+  CUPYLLM_VERIFY_GRAPHS=1 spec
 fi
 
-if [[ $what == structured ]]; then  # issue #16: the mask kernel's tests, then N = 1, 16 with a JSON schema each
+if want structured; then  # issue #16: the mask kernel's tests, then N = 1, 16 with a JSON schema each
   # needs llguidance and orjson: cp ../shared/device-wheels/*.whl .whl/, pip download llguidance into .whl/ (see
   # the device README), and carry .whl
-  timeout 90 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
   timeout 120 python3 -m pytest -q -rfE -s --tb=short tests/gpu/test_token_mask.py > "$OUT/structured_tests.log" 2>&1 \
     || status=1
   grep -E "^FAILED|^E |passed|failed|mask cost" "$OUT/structured_tests.log" | tail -20
@@ -116,7 +127,7 @@ if [[ $what == structured ]]; then  # issue #16: the mask kernel's tests, then N
     | tee -a "$OUT/structured.log"
 fi
 
-if [[ $what == fp8 ]]; then
+if want fp8; then
   ENGINE_ARGS="--model perf/configs/qwen2.5-7b --load-format dummy --dtype float16 --input-len 32 --output-len 512"
   grep -nE "SCALE_MODE|SCALE_POINTER|OUTER_VEC|CUDA_R_8F_E4M3" /usr/local/cuda/include/cublasLt.h \
     /usr/local/cuda/include/library_types.h 2>&1 | head -20 | tee -a "$OUT/env.txt"
@@ -160,13 +171,13 @@ if [[ $what == fp8 ]]; then
     --ignore=tests/gpu/test_serve_gpu.py --ignore=tests/gpu/test_fp8_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
 fi
 
-if [[ $what == all || $what == tests ]]; then
+if want tests; then
   timeout 420 python3 -m pytest tests/gpu -q -rs -x ${filter:+-k "$filter"} --ignore=tests/gpu/test_serve_gpu.py \
     --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
   status=${PIPESTATUS[0]}
 fi
 
-if [[ $what == all || $what == bench ]]; then
+if want bench; then
   : > "$OUT/bench.jsonl"
   for bench in perf/gpu_*.py; do
     echo "== $bench"
@@ -277,7 +288,7 @@ EOF
   return $rc
 }
 
-if [[ $what == all || $what == serve ]]; then
+if want serve; then
   mkdir -p "$OUT/serve"
   serve 2>&1 | tee "$OUT/serve/summary.txt"
   serve_status=${PIPESTATUS[0]}
