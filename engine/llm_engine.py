@@ -5,6 +5,7 @@ the model runner and engine/outputs.py.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -45,6 +46,7 @@ class _InFlight:
     sched: SchedulerOutput
     seqs: list[Sequence]  # the sampling rows, in order
     sample: DeferredSample
+    landed: bool = False
 
 
 @dataclass(slots=True)
@@ -196,27 +198,32 @@ class LLMEngine:
         if self.spec is not None:
             self._drop_unscheduled_proposals(sched)
         touched: dict[str, Request] = {}
-        if in_flight is not None and (sched.is_empty or not self.runner.one_step_ahead(sched)
-                                      or any(s.seq.grammar is not None for s in sched.scheduled)):
-            self._land(in_flight, touched)  # this step needs the ids on the host (a grammar's mask needs them too)
+        if in_flight is not None and (sched.is_empty or not self.runner.one_step_ahead(sched)):
+            self._land(in_flight, touched)  # this step needs the ids on the host
             in_flight = None
             # A sequence the landed token finished (EOS, a stop string) has no blocks any more: it must not run.
             sched.scheduled = [s for s in sched.scheduled if not s.seq.is_finished]
-        result, sampling_seqs = None, []
+        result, late, late_mask = None, None, None
+        sampling_seqs = [s.seq for s in sched.scheduled if s.samples]
+        if in_flight is not None and any(seq.grammar is not None for seq in sampling_seqs):
+            # A grammar's mask needs the in-flight ids: the forward is launched first, then they land and the
+            # masks are computed while it runs, then the step samples (ModelRunner.execute's late_mask).
+            late, in_flight = in_flight, None
+            late_mask = functools.partial(self._land_then_mask, late, touched, sampling_seqs)
         if not sched.is_empty:
             try:
-                sampling_seqs = [s.seq for s in sched.scheduled if s.samples]
-                tensors = self._sampling_tensors(sampling_seqs) if sampling_seqs else None
+                tensors = self._sampling_tensors(sampling_seqs, late_mask is None) if sampling_seqs else None
                 t0 = time.perf_counter()
-                result = self.runner.execute(sched, tensors, defer=self.async_scheduling)
+                result = self.runner.execute(sched, tensors, defer=self.async_scheduling, late_mask=late_mask)
                 self._collect_prompt_logprobs()
                 if self.spec is not None and any(s.seq.num_spec for s in sched.scheduled):
                     self.spec_stats.verify_seconds += time.perf_counter() - t0  # sampled ids are on the host
             except FatalEngineError:
                 raise
             except Exception as e:
-                if in_flight is not None:  # its tokens stay; their text goes out with a later output
-                    self._land(in_flight, touched)
+                for step in (in_flight, late):  # its tokens stay; their text goes out with a later output
+                    if step is not None and not step.landed:
+                        self._land(step, touched)
                 raise self._fail_step(sched, e) from e
         if in_flight is not None:
             self._land(in_flight, touched)
@@ -251,8 +258,14 @@ class LLMEngine:
                                                        zip(part.top_ids[j], part.top_logprobs[j])]
                 have.append((tokens[part.first + j], float(part.logprobs[j]), int(part.ranks[j]), top))
 
+    def _land_then_mask(self, in_flight: _InFlight, touched: dict[str, Request], seqs: list[Sequence]):
+        """Land the step in flight, then the token masks of `seqs` (a step whose forward is already running)."""
+        self._land(in_flight, touched)
+        return self._token_mask(seqs)
+
     def _land(self, in_flight: _InFlight, touched: dict[str, Request]) -> None:
         """Wait for an in-flight step's ids and post-process them."""
+        in_flight.landed = True
         try:
             self._append_all(in_flight.seqs, in_flight.sample.result(), touched)
         except Exception as e:
@@ -387,15 +400,14 @@ class LLMEngine:
                      ", ".join(request_ids), exc_info=cause)
         return EngineStepError(request_ids, cause)
 
-    def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
+    def _sampling_tensors(self, seqs: list[Sequence], masks: bool = True) -> SamplingTensors:
         """A row per sampled position: a sequence with K proposals has K + 1, row j seeing the first j proposals
-        as output (penalty history, min_tokens, the sampler's step counter), as it would without speculation."""
-        rows, constrained = [], []
+        as output (penalty history, min_tokens, the sampler's step counter), as it would without speculation.
+        masks: the grammars' token masks too (else they come later, from _token_mask)."""
+        rows = []
         for seq in seqs:
             p = seq.params
             end = seq.num_tokens - seq.num_spec
-            if seq.grammar is not None:  # never speculates: one row
-                constrained.append(len(rows))
             for j in range(seq.num_spec + 1):
                 outputs = seq.token_ids[seq.num_prompt_tokens:end + j]
                 banned = ()
@@ -403,19 +415,25 @@ class LLMEngine:
                     eos = () if p.ignore_eos or seq.grammar is not None else tuple(self.eos_token_ids)
                     banned = tuple(p.stop_token_ids or ()) + eos
                 rows.append((p, seq.prompt_token_ids, outputs, seq.seed, banned))
-        return SamplingTensors.build(rows, self.model_config.vocab_size, self._token_mask(seqs, rows, constrained))
+        return SamplingTensors.build(rows, self.model_config.vocab_size, self._token_mask(seqs) if masks else None)
 
-    def _token_mask(self, seqs: list[Sequence], rows: list, constrained: list[int]) -> np.ndarray | None:
-        """The grammar bitmask of every sampling row (all ones where unconstrained), None when no row has one."""
-        if not constrained:
+    def _token_mask(self, seqs: list[Sequence]) -> np.ndarray | None:
+        """The grammar bitmask of every sampling row of `seqs` (all ones where unconstrained, and for a sequence
+        that has just finished: its row is wasted), None when no row has one. A grammar's sequence has one row."""
+        constrained, grammars, num_rows = [], [], 0
+        for seq in seqs:
+            if seq.grammar is not None and not seq.is_finished:
+                constrained.append(num_rows)
+                grammars.append(seq.grammar)
+            num_rows += seq.num_spec + 1
+        if not grammars:
             return None
         compiler = self.grammar_compiler
-        grammars = [seq.grammar for seq in seqs if seq.grammar is not None]
         masks = np.empty((len(grammars), compiler.mask_words), np.int32)
         compiler.fill_masks(grammars, masks)
-        if len(constrained) == len(rows):
+        if len(constrained) == num_rows:
             return masks
-        mask = np.full((len(rows), compiler.mask_words), -1, np.int32)
+        mask = np.full((num_rows, compiler.mask_words), -1, np.int32)
         mask[constrained] = masks
         return mask
 

@@ -8,7 +8,8 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from itertools import chain
 
 import numpy as np
@@ -165,8 +166,8 @@ class ModelRunner:
         return g is not None and len(sched.scheduled) <= g.max_size and all(
             s.num_tokens == g.query_len and s.num_sampled_rows == g.query_len for s in sched.scheduled)
 
-    def execute(self, sched: SchedulerOutput, sampling: SamplingTensors | None, defer: bool = False
-                ) -> SamplerOutput | DeferredSample | None:
+    def execute(self, sched: SchedulerOutput, sampling: SamplingTensors | None, defer: bool = False,
+                late_mask: Callable[[], np.ndarray | None] | None = None) -> SamplerOutput | DeferredSample | None:
         """Run one step. Returns sampled tokens for the sequences whose `samples` is true, in order: one row each,
         or with speculative proposals (seq.num_spec = K) K + 1 rows, the positions of its last K + 1 tokens.
 
@@ -175,6 +176,8 @@ class ModelRunner:
         defer: the step may return a DeferredSample (a decode batch without penalties or logprobs).
         Prompt logprobs of the prompt positions in the step, for the sequences that want them, go to
         self.prompt_logprobs (such a step runs eagerly: a graph computes only the sampled rows' logits).
+        late_mask: called once the forward is launched, before sampling; its result becomes sampling's token_mask
+        (the grammars' masks, which need the previous step's ids: they are computed while the GPU runs).
         """
         b = self.backend
         input_ids, positions, meta = self.prepare(sched)
@@ -183,8 +186,8 @@ class ModelRunner:
         self.num_computed_tokens_total += len(input_ids)
         self.prompt_logprobs = []
         spans = self._prompt_logprob_spans(sched)
-        if not spans and self._replays(len(input_ids), meta.max_query_len):
-            return self.graphs.run(input_ids, positions, meta, sampling, src, defer)  # every decode row samples
+        if not spans and self._replays(len(input_ids), meta.max_query_len):  # every decode row samples
+            return self.graphs.run(input_ids, positions, meta, sampling, src, defer, late_mask)
         if not spans and self._verifies(sched):  # every row of a verify step samples too
             return self.verify_graphs.run(input_ids, positions, meta, sampling)
         if src is not None:  # the numpy backend one step ahead: its last ids are already on the host
@@ -198,7 +201,10 @@ class ModelRunner:
                 for i, s in enumerate(sched.scheduled) for j in range(s.num_sampled_rows)]
         if not rows:
             return None
-        out = b.sample(self.model.compute_logits(hidden[b.from_host(np.asarray(rows, np.int32))]), sampling)
+        logits = self.model.compute_logits(hidden[b.from_host(np.asarray(rows, np.int32))])
+        if late_mask is not None:
+            sampling = replace(sampling, token_mask=late_mask())
+        out = b.sample(logits, sampling)
         if defer and b.name == "numpy" and meta.max_query_len == 1 and sampling.ids_only:
             self._last_sampled = out.token_ids
             return DeferredSample(lambda: out)

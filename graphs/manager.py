@@ -12,7 +12,9 @@ the graph's logits instead (same kernel, same Philox draws: the same tokens).
 Structured outputs: a step's token mask (SamplingTensors.token_mask) travels in the same load and the graph's
 sampling applies it to its logits first (ops/kernels/token_mask.cu), so a masked step still samples in the graph;
 after a load without a mask, or when the step samples eagerly (which masks the logits itself), the captured mask
-kernel does nothing.
+kernel does nothing. A mask that needs the step in flight before it (one step ahead with a grammar: its ids
+must reach the grammar first) comes late: run(..., late_mask=f) launches the graph, calls f while the GPU runs
+the forward, then loads the mask and launches the same two sampling kernels after the graph, into `sampled`.
 
 Verify graphs (speculative decoding): the same with query_len = K + 1 rows per sequence, all of them sampled;
 the prefill attention kernel runs them (its grid depends on query_len only, not on the context).
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import numpy as np
 from tqdm import tqdm
@@ -153,18 +156,22 @@ class DecodeGraphs:
         self._staged[slot] = _record(cp, stream)
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, meta: AttentionMetadata,
-            sampling: SamplingTensors, src: np.ndarray | None = None, defer: bool = False):
+            sampling: SamplingTensors, src: np.ndarray | None = None, defer: bool = False, late_mask=None):
         """Replay the graph for this decode batch (host arrays from ModelRunner.prepare) and sample.
 
         src: per row, the row of the previous step's `sampled` that holds its input id (-1: input_ids has
         it). defer: return a DeferredSample instead of waiting, when sampling ran inside the graph and no
         row needs penalty history (which would need the ids still on their way).
+        late_mask: called after the launch, while the GPU runs the forward; what it returns becomes the
+        sampling's token mask, and the step samples after the graph from its logits, into `sampled` (the
+        graph's own kernels, launched on their own), so that it can still be deferred.
         """
         cp, n = self.cp, len(input_ids)  # token rows: sequences x query_len
         size = padded_size(self.sizes, len(meta.seq_lens))
         stream = cp.cuda.get_current_stream()
         # a token mask does not matter here: any batch that fits the buffers fits its mask too
-        in_graph = sampling.num_logprobs < 0 and self.sampling_buffers.fits(sampling)
+        buffered = sampling.num_logprobs < 0 and self.sampling_buffers.fits(sampling)
+        in_graph = buffered and late_mask is None
         if in_graph:
             self.sampling_buffers.load(sampling)
         else:  # the graph's own sampling reads stale parameters: its mask, if any, must not touch the logits
@@ -173,7 +180,12 @@ class DecodeGraphs:
         self.graphs[size].launch(stream)
         self.steps += 1
         self.steps_sampled_in_graph += in_graph
-        if not in_graph:  # the eager sampler loads its own buffers, token mask included, and applies it
+        if late_mask is not None:
+            sampling = replace(sampling, token_mask=late_mask())
+            if buffered:
+                self.sampling_buffers.load(sampling)
+                self._sampling.sample(self.logits[size][:n], self.sampling_buffers, self.sampled[:n])
+        if not buffered:  # the eager sampler loads its own buffers, token mask included, and applies it
             return self._sampling.sample(self.logits[size][:n], sampling)
         if not (defer and sampling.ids_only):
             return SamplerOutput(self.sampled[:n].get(stream), None, None, None)

@@ -149,25 +149,38 @@ SPECS = {"json": StructuredOutputs(json=SCHEMA, disable_any_whitespace=True),
          "grammar": StructuredOutputs(grammar='root ::= "a" "b"+ "c"')}  # GBNF, converted to Lark
 
 
-@pytest.mark.parametrize("async_on", [False, True])
-def test_every_sampled_generation_validates(rng, async_on):
-    """Temperature 1, 12 seeds a form, n = 2: every output follows its constraint and ends by it ("stop"), the same
-    with one step ahead as without; the batch mixes in an unconstrained request; nothing stays allocated."""
-    engine = LLMEngine(EngineConfig(device="numpy", max_model_len=256, seed=1, async_scheduling=async_on))
+def structured_batch(tok, rng, per_form: int, n: int):
+    """Prompts and params: per_form requests of each form in SPECS (n choices, temperature 1, seeded), then one
+    unconstrained request of 30 tokens. Returns (prompts, params, the form of each constrained request)."""
     base = int(rng.integers(2**31))
     prompts, params, kinds = [], [], []
-    tok = engine.tokenizer
     # An open JSON object ends only when a random model happens to close it: bias the closing tokens so it does.
     closing = {tok.token_to_id(c): 6.0 for c in ('"', "}") if tok.token_to_id(c) is not None}
     for kind, spec in SPECS.items():
-        for i in range(6):
+        for i in range(per_form):
             prompts.append(f"request {i} wants {kind}:")
-            params.append(SamplingParams(n=2, temperature=1.0, seed=base + i, max_tokens=120, structured_outputs=spec,
+            params.append(SamplingParams(n=n, temperature=1.0, seed=base + i, max_tokens=120, structured_outputs=spec,
                                          logit_bias=closing if kind == "json_object" else None))
             kinds.append(kind)
     prompts.append("free text")
     params.append(SamplingParams(temperature=1.0, seed=base, max_tokens=30, ignore_eos=True))
-    outs = engine.generate(prompts, params)
+    return prompts, params, kinds
+
+
+def spy_late_masks(engine) -> list[bool]:
+    """Per step from now on: whether it computed its masks with the previous step still in flight (late_mask)."""
+    late, execute = [], engine.runner.execute
+
+    def spy(*args, **kwargs):
+        late.append(kwargs.get("late_mask") is not None)
+        return execute(*args, **kwargs)
+    engine.runner.execute = spy
+    return late
+
+
+def check_structured_outputs(outs, kinds) -> list[str]:
+    """Every choice of a structured_batch's constrained requests ended by its constraint and follows it; the free
+    request ran its 30 tokens. Returns the constrained texts in order."""
     texts = []
     for kind, out in zip(kinds, outs):
         for o in out.outputs:
@@ -175,8 +188,23 @@ def test_every_sampled_generation_validates(rng, async_on):
             _check(kind, o.text)
             texts.append(o.text)
     assert len(outs[-1].outputs[0].token_ids) == 30
+    return texts
+
+
+@pytest.mark.parametrize("async_on", [False, True])
+def test_every_sampled_generation_validates(rng, async_on):
+    """Temperature 1, 12 seeds a form, n = 2: every output follows its constraint and ends by it ("stop"), the same
+    with one step ahead as without (where the masks are computed after the next step is launched); the batch mixes in
+    an unconstrained request; nothing stays allocated."""
+    engine = LLMEngine(EngineConfig(device="numpy", max_model_len=256, seed=1, async_scheduling=async_on))
+    prompts, params, kinds = structured_batch(engine.tokenizer, rng, per_form=6, n=2)
+    late = spy_late_masks(engine)
+    outs = engine.generate(prompts, params)
+    texts = check_structured_outputs(outs, kinds)
     bm = engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+    # one step ahead, a constrained decode step launches before the ids its masks need have landed
+    assert sum(late) > len(late) // 2 if async_on else not any(late)
     if async_on:
         sync = LLMEngine(EngineConfig(device="numpy", max_model_len=256, seed=1, async_scheduling=False))
         assert [o.text for out in sync.generate(prompts, params)[:-1] for o in out.outputs] == texts
