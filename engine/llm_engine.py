@@ -103,7 +103,8 @@ class LLMEngine:
                               "lower max_model_len or give the cache more memory")
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(sc, self.block_manager)
-        self.eos_token_ids = frozenset(mc.eos_token_ids) | (self.tokenizer.eos_token_ids if self.tokenizer else frozenset())
+        tokenizer_eos = self.tokenizer.eos_token_ids if self.tokenizer else frozenset()
+        self.eos_token_ids = frozenset(mc.eos_token_ids) | tokenizer_eos
         self.requests: dict[str, Request] = {}
         self._rng = np.random.default_rng(config.seed)
         self._in_flight: _InFlight | None = None
