@@ -45,8 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "\"num_speculative_tokens\": 4}'")
     p.add_argument("--spec-acceptance", default=None, metavar="A,B,...",
                    help="speculation with dummy weights: per N, a plain greedy run, then one per acceptance rate a "
-                        "with a proposer offering the plain run's own next tokens with probability a (else a wrong "
-                        "one), same prompts; prints tok/s against the plain run's")
+                        "with a proposer each of whose K tokens the target takes as its own with probability a "
+                        "(engine/spec_decode.OracleProposer), same prompts; prints tok/s against the plain run's")
     p.add_argument("--spec-gate", default="on", choices=("on", "off"),
                    help="off: speculate every step whatever the acceptance (the verify step's cost curve)")
     p.add_argument("--structured", action="store_true",
@@ -153,7 +153,8 @@ def _spec_config(args, ns):
 
 
 def speculation_rows(engine, spec, args, ns, rng, vocab) -> list[dict]:
-    """Per N: a plain greedy run, then the same prompts with an OracleProposer at each acceptance rate."""
+    """Per N: a plain greedy run, then the same prompts with an OracleProposer at each acceptance rate (a verify of K
+    then accepts sum_{j=1..K} a^j proposals on average)."""
     from engine.spec_decode import AcceptanceGate, OracleProposer
 
     rates = [float(a) for a in args.spec_acceptance.split(",")]
@@ -162,13 +163,12 @@ def speculation_rows(engine, spec, args, ns, rng, vocab) -> list[dict]:
     for n in ns:
         prompts = [rng.integers(0, vocab, args.input_len).tolist() for _ in range(n)]
         measure(engine, rng, vocab, n, args.input_len, 8, prompts)  # warm-up
-        outputs: dict = {}
-        plain = measure(engine, rng, vocab, n, args.input_len, args.output_len, prompts, outputs)
+        plain = measure(engine, rng, vocab, n, args.input_len, args.output_len, prompts)
         plain.update(n=n, acceptance_target=None, k=0)
         rows.append(plain)
         print(f"N={n:<4} plain      {plain['tok_s']:>9.1f} tok/s  step p50 {plain['step_ms_p50']:.2f} ms")
         for a in rates:
-            oracle = OracleProposer(outputs, args.input_len, a, vocab, seed=args.seed)
+            oracle = OracleProposer(a, vocab, seed=args.seed)
             engine.enable_speculation(spec, oracle, AcceptanceGate(enabled=args.spec_gate == "on"))
             try:
                 r = measure(engine, rng, vocab, n, args.input_len, args.output_len, prompts)
@@ -216,9 +216,9 @@ def structured_rows(engine, args, ns, rng, vocab) -> list[dict]:
 
 
 def measure(engine, rng, vocab: int, n: int, input_len: int, output_len: int, prompts=None,
-            outputs: dict | None = None, structured=None) -> dict:
-    """Greedy generation of n requests (random prompts unless given); `outputs` collects prompt -> output ids;
-    `structured`: a StructuredOutputs every request follows."""
+            structured=None) -> dict:
+    """Greedy generation of n requests (random prompts unless given); `structured`: a StructuredOutputs every
+    request follows."""
     from engine.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, structured_outputs=structured)
@@ -227,7 +227,6 @@ def measure(engine, rng, vocab: int, n: int, input_len: int, output_len: int, pr
     prompts = prompts or [rng.integers(0, vocab, input_len).tolist() for _ in range(n)]
     for i, prompt in enumerate(prompts):
         engine.add_request(f"bench-{n}-{output_len}-{i}", prompt, params)
-    by_id = {f"bench-{n}-{output_len}-{i}": tuple(p) for i, p in enumerate(prompts)}
     steps, tokens, first_epoch = [], 0, None
     while engine.has_unfinished_requests():
         t = time.perf_counter()
@@ -238,8 +237,6 @@ def measure(engine, rng, vocab: int, n: int, input_len: int, output_len: int, pr
         for out in outs:
             tokens += sum(len(o.token_ids) for o in out.outputs)
             first_token.setdefault(out.request_id, now)
-            if outputs is not None:
-                outputs.setdefault(by_id[out.request_id], []).extend(out.outputs[0].token_ids)
         if len(first_token) == n:  # every request has its first token: from here, decode steps only
             steps.append(now - t)
     wall = time.perf_counter() - start

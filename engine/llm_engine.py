@@ -361,6 +361,9 @@ class LLMEngine:
         there (the last one a correction, or the bonus when all K matched), and roll the cache back."""
         k = seq.num_spec
         proposals = seq.token_ids[-k:]
+        settle = getattr(self.proposer, "settle", None)
+        if settle is not None:  # the benchmark's OracleProposer decides which proposals the target drew
+            settle(seq, sampled.token_ids[first:first + k + 1])
         del seq.token_ids[-k:]
         seq.num_spec = 0
         verified_from = seq.num_tokens  # positions from here held proposals in this step's forward

@@ -135,20 +135,37 @@ class GreedyDraftProposer:
 
 class OracleProposer:
     """For measuring speculation where dummy weights make real proposals meaningless (`cupyllm benchmark
-    --spec-acceptance`): knows each prompt's greedy continuation from a plain run and offers its true next
-    tokens, each with probability `acceptance`, else a wrong one (the true id + 1)."""
+    --spec-acceptance`): each of its K proposals is "right" with probability `acceptance`, independently, and the
+    engine takes a right one as the target's own draw at its position (settle), a wrong one as differing from it.
 
-    def __init__(self, continuations: dict[tuple, list[int]], prompt_len: int, acceptance: float, vocab: int,
-                 seed: int = 0):
-        self.continuations, self.prompt_len, self.acceptance, self.vocab = continuations, prompt_len, acceptance, vocab
+    Why not the plain run's greedy tokens: with random weights the top logits are near ties everywhere, and the
+    verify forward (K + 1 query rows, other GEMM shapes) rounds differently from a decode step, so the two runs part
+    within a few tokens and every later proposal misses. Settling the verdicts here keeps the GPU's work exactly
+    what speculation at acceptance rate a costs (the same verify forwards, the same accepted lengths and rollbacks);
+    only the token values are the oracle's, which on dummy weights mean nothing either way."""
+
+    def __init__(self, acceptance: float, vocab: int, seed: int = 0):
+        self.acceptance, self.vocab = acceptance, vocab
         self.rng = np.random.default_rng(seed)
+        self._pending: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # seq_id -> (proposal, right)
 
-    def propose(self, token_ids: list[int], k: int) -> list[int]:
-        truth = self.continuations.get(tuple(token_ids[:self.prompt_len]), [])
-        done = len(token_ids) - self.prompt_len
-        true = truth[done:done + k]
-        hit = self.rng.random(len(true)) < self.acceptance
-        return [t if h else (t + 1) % self.vocab for t, h in zip(true, hit)]
+    def propose_batch(self, wants: list) -> list[list[int]]:
+        out = []
+        for seq, k in wants:
+            proposal = self.rng.integers(0, self.vocab, k)
+            self._pending[seq.seq_id] = (proposal, self.rng.random(k) < self.acceptance)
+            out.append(proposal.tolist())
+        return out
+
+    def settle(self, seq, draws: np.ndarray) -> None:
+        """draws: the verify step's K + 1 sampled ids of seq (a writable view): the right proposals become the draws
+        at their positions, and a wrong one never equals its draw."""
+        proposal, right = self._pending.pop(seq.seq_id)
+        k = len(proposal)
+        head = draws[:k]
+        head[right] = proposal[right]
+        clash = ~right & (head == proposal)
+        head[clash] = (proposal[clash] + 1) % self.vocab
 
 
 class AcceptanceGate:

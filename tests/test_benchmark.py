@@ -40,3 +40,21 @@ def test_dummy_weights_are_seeded(tmp_path):
     assert (wa == wb).all() and not (wa == wc).all()
     out = a.generate([[1, 2, 3]], None)[0].outputs[0]
     assert out.text == "" and len(out.token_ids) == 16
+
+
+def test_spec_acceptance_benchmark_accepts_at_the_asked_rates(tmp_path):
+    """--spec-acceptance: a plain row per N, then one per rate whose measured acceptance is the oracle's
+    sum_{j<=K} a^j / K (up to sampling noise), with the tok/s ratio against the plain row."""
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    out = tmp_path / "spec.jsonl"
+    rc = main(["benchmark", "--model", str(tmp_path), "--load-format", "dummy", "--n", "2", "--input-len", "9",
+               "--output-len", "64", "--device", "numpy", "--json", str(out), "--no-history",
+               "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}',
+               "--spec-acceptance", "0,0.8", "--spec-gate", "off"])
+    assert rc == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["acceptance_target"], r["k"]) for r in rows] == [(None, 0), (0.0, 3), (0.8, 3)]
+    assert all(r["output_tokens"] == 2 * 64 for r in rows)
+    assert rows[1]["acceptance_rate"] == 0 and rows[1]["mean_accepted_length"] == 1
+    assert abs(rows[2]["acceptance_rate"] - (0.8 + 0.64 + 0.512) / 3) < 0.12
+    assert rows[2]["speedup"] == round(rows[2]["tok_s"] / rows[0]["tok_s"], 3)

@@ -11,7 +11,7 @@ import pytest
 from engine.config import ConfigError, EngineConfig, SpeculativeConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from engine.spec_decode import AcceptanceGate, NgramProposer
+from engine.spec_decode import AcceptanceGate, NgramProposer, OracleProposer
 from tests.conftest import VOCAB
 from tests.test_parity import _all_logits
 
@@ -157,6 +157,26 @@ def test_accepted_proposals_emit_several_tokens_a_step(checkpoint):
     assert _outputs(spec, prompt, params) == want
     longer = prompt[0] + want[0][0][:40]  # its blocks past the prompt were filled by accepted proposals
     assert spec.generate([longer], SamplingParams(max_tokens=1))[0].num_cached_tokens == 48
+
+
+@pytest.mark.parametrize("acceptance", [0.0, 0.5, 0.9])
+def test_oracle_proposer_accepts_at_its_rate(checkpoint, acceptance):
+    """The benchmark's OracleProposer: each proposal right with probability a, the first wrong one ends the run of
+    accepted ones, so a verify of K accepts sum_{j=1..K} a^j on average; every requested token still comes out, and
+    no block leaks."""
+    path, _ = checkpoint("qwen2_untied")
+    _, spec = _engines(path)
+    k = NGRAM["num_speculative_tokens"]
+    spec.enable_speculation(spec.spec, OracleProposer(acceptance, VOCAB, seed=5), AcceptanceGate(enabled=False))
+    params = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
+    outs = spec.generate([[3, 1, 4, 1, 5], [9, 2, 6, 5]], params)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [120, 120]
+    stats = spec.spec_stats
+    expected = sum(acceptance ** j for j in range(1, k + 1)) / k
+    print(f"a={acceptance}: {stats.num_drafts} verifies, acceptance {stats.acceptance_rate:.3f} (expected {expected:.3f})")
+    assert stats.num_drafts >= 40
+    assert abs(stats.acceptance_rate - expected) < 0.1
+    _no_leaks(spec)
 
 
 class FixedProposer:
