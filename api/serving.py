@@ -383,6 +383,15 @@ class OpenAIServing:
             raise APIError(f"token ids in '{param}' must be in [0, {self.vocab_size}); got {bad[:5]}", param=param)
         return ids
 
+    def _check_prompt_length(self, text: str) -> None:
+        """The context-length 400 before encoding, for a text too long for the context whatever its ids: a 20 MB
+        prompt costs a length check, not seconds of tokenizing and a gigabyte of ids."""
+        need = self.tokenizer.min_tokens(text)
+        if need >= self.max_model_len:
+            raise APIError(f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                           f"prompt of {len(text)} characters has at least {need} tokens. Please reduce the length "
+                           "of the messages or completion.")
+
     def _max_tokens(self, num_prompt: int, requested: int | None) -> int:
         """The completion budget, or the 400 vLLM gives when the prompt and completion exceed the context."""
         limit = self.max_model_len
@@ -412,6 +421,7 @@ class OpenAIServing:
         for p in req.prompts:
             if isinstance(p, str):
                 texts.append(p)
+                self._check_prompt_length(p)
                 prompts.append(await self.encode(p, add_special_tokens=True))
             else:
                 prompts.append(self._check_ids(p, "prompt"))
@@ -463,6 +473,7 @@ class OpenAIServing:
             prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt, **template_kwargs)
         except ValueError as e:
             raise APIError(str(e), param="messages") from None
+        self._check_prompt_length(prompt)
         ids = await self.encode(prompt, add_special_tokens)
         if not ids:
             raise APIError("the chat template rendered an empty prompt", param="messages")

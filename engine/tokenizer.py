@@ -15,10 +15,13 @@ import tokenizers
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from engine import token_bound
+
 NO_CHAT_TEMPLATE = (
     "As of transformers v4.44, default chat template is no longer allowed, so you must provide a chat "
     "template if the tokenizer does not define one.")
 REPLACEMENT_CHAR = "\ufffd"
+GIL_FREE_CHARS = 4096  # texts at least this long are encoded without holding the GIL
 
 
 class TokenizerError(ValueError):
@@ -150,12 +153,25 @@ class Tokenizer:
         return self._backend.token_to_id(token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`. Encode a rendered chat prompt with add_special_tokens=False: the template adds BOS."""
-        ids = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of `text`. Encode a rendered chat prompt with add_special_tokens=False: the template adds BOS.
+        A long text goes through encode_batch_fast, which lets go of the GIL while it works (encode holds it) and
+        keeps no offsets: other threads, the server's event loop among them, run meanwhile."""
+        if len(text) >= GIL_FREE_CHARS:
+            ids = self._backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
+        else:
+            ids = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
         if (add_special_tokens and self._add_bos and self.bos_token_id is not None
                 and (not ids or ids[0] != self.bos_token_id)):
             ids.insert(0, self.bos_token_id)
         return ids
+
+    def min_tokens(self, text: str) -> int:
+        """At least this many ids encode `text` (engine/token_bound.py; 0 where this tokenizer gives no bound)."""
+        return token_bound.min_tokens(len(text), self._chars_per_token)
+
+    @functools.cached_property
+    def _chars_per_token(self):
+        return token_bound.chars_per_token(self._backend.to_str(), self._backend.get_vocab(with_added_tokens=True))
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True,
                spaces_between_special_tokens: bool = True) -> str:

@@ -1,0 +1,78 @@
+"""Big and hostile requests against the real server (demo model, issue #18): a 20 MB prompt is refused with the
+context-length 400 without being tokenized, while /health keeps answering and the server's memory comes back;
+completions and chat alike. The figures (refusal time, worst /health latency, RSS before/after) are printed."""
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+
+import pytest
+
+from tests.test_reliability import rss_bytes, start_server, stop_server
+
+MB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    server = start_server(tmp_path_factory.mktemp("big"), "--max-model-len", "128", key=None)
+    yield server
+    stop_server(server)
+
+
+def _post(port: int, path: str, body: bytes) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    out = resp.status, json.loads(resp.read())
+    conn.close()
+    return out
+
+
+def _health_ms(port: int) -> float:
+    t = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", "/health")
+    assert conn.getresponse().status == 200
+    conn.close()
+    return (time.perf_counter() - t) * 1e3
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_20_mb_prompt_is_refused_at_once_and_health_keeps_answering(srv, path):
+    text = "hello world " * (20 * MB // 12)
+    body = {"model": "demo", "max_tokens": 4}
+    body.update({"prompt": text} if path == "/v1/completions" else {"messages": [{"role": "user", "content": text}]})
+    raw = json.dumps(body).encode()
+    before = rss_bytes(srv.proc.pid)
+    result = {}
+
+    def send():
+        t = time.perf_counter()
+        result["response"] = _post(srv.port, path, raw)
+        result["seconds"] = time.perf_counter() - t
+    sender = threading.Thread(target=send)
+    sender.start()
+    health = []
+    while sender.is_alive():
+        health.append(_health_ms(srv.port))
+        time.sleep(0.005)
+    sender.join()
+    status, err = result["response"]
+    assert status == 400 and "maximum context length is 128 tokens" in err["error"]["message"]
+    assert "at least" in err["error"]["message"]  # counted by the bound, not by tokenizing
+    after = rss_bytes(srv.proc.pid)
+    health.append(_health_ms(srv.port))
+    print(f"{path}: 400 in {result['seconds'] * 1e3:.0f} ms; /health worst {max(health):.1f} ms over "
+          f"{len(health)} polls; RSS {before / MB:.0f} -> {after / MB:.0f} MiB")
+    assert max(health) < 1000  # a behaviour bound (20 s before the length bound), not a timing target
+    assert after - before < 200 * MB  # nothing of the 20 MB body's size kept, no ids computed
+
+
+def test_a_long_prompt_within_the_bound_still_gets_the_exact_count(srv):
+    """Under the bound's reach the prompt is tokenized (off the event loop) and the 400 names its token count."""
+    status, err = _post(srv.port, "/v1/completions",
+                         json.dumps({"model": "demo", "prompt": "ab " * 200, "max_tokens": 4}).encode())
+    assert status == 400 and "However, you requested" in err["error"]["message"]
