@@ -17,6 +17,8 @@
 #   specbench  issue #14: the acceptance-controlled benchmark and the verify cost curve -> $OUT/spec.{jsonl,log}
 #   structured  issue #16: tests/gpu/test_token_mask.py, the host's mask cost and the engine benchmark at N = 1, 16
 #          plain and with a JSON schema on every request (7B shape, stand-in 152K tokenizer) -> $OUT/structured.*
+#   fp8bench  issues #13, #12: the engine benchmark (N = 1..256, 32 in / 512 out) fp16, fp8 weights, fp8 weights and
+#          KV, then the KV blocks at a 32K context fp16 and fp8 -> $OUT/engine.{jsonl,log}. About 5 minutes.
 #   fp8    issue #13: cuBLASLt's FP8 enums against the machine's headers, tests/gpu/test_fp8_gpu.py and the FP8-cache
 #          attention tests -> $OUT/fp8_tests.log, perf/fp8_quality.py, the engine benchmark fp16, fp8 weights, fp8 KV
 #          cache, both -> $OUT/engine.{jsonl,log}, then the rest of tests/gpu in the time left -> $OUT/gpu_tests.log.
@@ -33,8 +35,8 @@ status=0
 [[ $what == all ]] && what=tests,bench,serve
 for mode in ${what//,/ }; do
   case $mode in
-    tests | bench | serve | jit | fp8 | spec | specbench | structured) ;;
-    *) echo "usage: $0 [all|tests|bench|serve|jit|fp8|spec|specbench|structured][,more modes] [pytest -k expression]" >&2
+    tests | bench | serve | jit | fp8 | fp8bench | spec | specbench | structured) ;;
+    *) echo "usage: $0 [all|tests|bench|serve|jit|fp8|fp8bench|spec|specbench|structured][,more modes] [pytest -k expression]" >&2
        exit 2 ;;
   esac
 done
@@ -128,6 +130,20 @@ if want structured; then  # issue #16: the mask kernel's tests, then N = 1, 16 w
     | tee -a "$OUT/structured.log"
 fi
 
+if want fp8bench; then  # issues #13 and #12: the engine benchmark fp16, fp8 weights, fp8 weights + fp8 KV, one machine
+  ENGINE_ARGS="--model perf/configs/qwen2.5-7b --load-format dummy --dtype float16 --input-len 32 --output-len 512"
+  for q in "" "--quantization fp8" "--quantization fp8 --kv-cache-dtype fp8"; do
+    echo "== engine benchmark ${q:-fp16}"
+    timeout 130 python3 -m api.cli benchmark $ENGINE_ARGS $q --n 1,16,64,128,256 --json "$OUT/engine.jsonl" 2>&1 \
+      | grep -E "^N=|weights|KV blocks|ready|memory" | tee -a "$OUT/engine.log"
+  done
+  echo "== KV blocks at a 32K context, 256 sequences (memory decides): fp16, then fp8"
+  for kv in auto fp8; do
+    timeout 60 python3 -m api.cli benchmark $ENGINE_ARGS --kv-cache-dtype $kv --max-model-len 32768 --n 256 \
+      --output-len 8 --no-history 2>&1 | grep -E "KV blocks|memory:" | tee -a "$OUT/engine.log"
+  done
+fi
+
 if want fp8; then
   ENGINE_ARGS="--model perf/configs/qwen2.5-7b --load-format dummy --dtype float16 --input-len 32 --output-len 512"
   grep -nE "SCALE_MODE|SCALE_POINTER|OUTER_VEC|CUDA_R_8F_E4M3" /usr/local/cuda/include/cublasLt.h \
@@ -153,7 +169,6 @@ if want fp8; then
     done
     CUPYLLM_W8A16_MAX_TOKENS=8 timeout 100 python3 -m pytest -q -rfE --tb=short tests/gpu/test_fp8_gpu.py \
       -k engine 2>&1 | tail -6 | tee -a "$OUT/gemv.log"
-    spec
     timeout 120 python3 perf/gpu_kernels.py --impl jit,hand --tokens 1,64,256 --json "$OUT/kernels.jsonl" 2>&1 \
       | tail -40 | tee "$OUT/kernels.log"
     exit $status
