@@ -3,6 +3,10 @@
 A full block is known by a hash chain over its tokens and its predecessors'; a cached block whose
 last user is gone stays in an LRU list and is reused by a later request with the same prefix, or
 evicted (oldest first) when a fresh block is needed.
+
+Sliding window (window > 0, a model whose every layer attends to the last `window` positions only): a block
+wholly before the window of the next positions to compute is never read again; allocate() releases it (its
+table entry becomes -1; released as any freed block, so it stays cached for a later request with its prefix).
 """
 from __future__ import annotations
 
@@ -12,10 +16,11 @@ from engine.sequence import Sequence
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = True, window: int = 0):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.window = window
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
         self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks  # guards against hash collisions
@@ -65,6 +70,8 @@ class BlockManager:
         bs = self.block_size
         if cached_blocks:
             assert not seq.block_table and seq.num_computed_tokens == 0
+        elif self.window:
+            self._release_before(seq, seq.num_computed_tokens - self.window + 1)
         computed = seq.num_computed_tokens + len(cached_blocks) * bs
         need = self.blocks_needed(computed + num_new_tokens) - len(seq.block_table) - len(cached_blocks)
         if need > 0:  # the common decode step needs no new block: skip the count
@@ -97,6 +104,22 @@ class BlockManager:
                 self.free_ids.append(block_id)
         del seq.block_table[keep:]
 
+    def _release_before(self, seq: Sequence, position: int) -> None:
+        """Release seq's blocks that hold only positions before `position` (the first one a query still sees)."""
+        upto = min(max(position, 0) // self.block_size, len(seq.block_table))
+        for i in range(seq.num_released_blocks, upto):
+            self._unref(seq.block_table[i])
+            seq.block_table[i] = -1
+        seq.num_released_blocks = max(seq.num_released_blocks, upto)
+
+    def _unref(self, block_id: int) -> None:
+        self.ref_counts[block_id] -= 1
+        if self.ref_counts[block_id] == 0:
+            if self.block_hash[block_id] is not None:
+                self.evictable[block_id] = None
+            else:
+                self.free_ids.append(block_id)
+
     def _take_free_block(self) -> int:
         if self.free_ids:
             block_id = self.free_ids.popleft()
@@ -125,14 +148,10 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Release `seq`'s blocks; tail blocks first so that LRU eviction takes them before shared heads."""
-        for block_id in reversed(seq.block_table):
-            self.ref_counts[block_id] -= 1
-            if self.ref_counts[block_id] == 0:
-                if self.block_hash[block_id] is not None:
-                    self.evictable[block_id] = None
-                else:
-                    self.free_ids.append(block_id)
+        for block_id in reversed(seq.block_table[seq.num_released_blocks:]):
+            self._unref(block_id)
         seq.block_table = []
+        seq.num_released_blocks = 0
 
     def token_replaced(self, seq: Sequence, position: int) -> None:
         """The token at `position` changed (a placeholder got its id): if its block was already full and
@@ -149,7 +168,7 @@ class BlockManager:
 
     def drop_hashes(self, seq: Sequence) -> None:
         """Forget the cache entries of `seq`'s blocks (their K/V may be wrong after a failed step)."""
-        for block_id in seq.block_table:
+        for block_id in seq.block_table[seq.num_released_blocks:]:
             h = self.block_hash[block_id]
             if h is not None:
                 del self.cached[h]

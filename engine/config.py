@@ -49,6 +49,17 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     model_path: str = ""
     quantization: str | None = None  # "fp8": the checkpoint's projection weights are E4M3 with *_scale tensors
+    sliding_window: int = 0  # > 0: the layers in sliding_layers attend only to the last sliding_window positions
+    sliding_layers: tuple[int, ...] = ()
+
+    def window(self, layer: int) -> int:
+        """How many positions (the query's own included) layer `layer` attends to; 0 = all."""
+        return self.sliding_window if layer in self.sliding_layers else 0
+
+    @property
+    def all_layers_slide(self) -> bool:
+        """Every layer has the window: K/V older than it is never read again (its blocks can go)."""
+        return self.sliding_window > 0 and len(self.sliding_layers) == self.num_hidden_layers
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -81,6 +92,7 @@ class ModelConfig:
         text = raw.get("text_config")
         if isinstance(text, dict):  # some checkpoints nest the language model's fields
             raw = {**raw, **text}
+        _refuse_unimplemented(arch, raw)
         try:
             hidden, heads = raw["hidden_size"], raw["num_attention_heads"]
             head_dim = raw.get("head_dim") or hidden // heads
@@ -106,6 +118,7 @@ class ModelConfig:
                 eos_token_ids=tuple(eos if isinstance(eos, list) else ([] if eos is None else [eos])),
                 model_path=model_path,
                 quantization=_quantization(raw.get("quantization_config")),
+                **_sliding_window(arch, raw),
             )
         except KeyError as e:
             raise ConfigError(f"config.json: required field {e.args[0]!r} is missing for {arch}") from e
@@ -143,6 +156,52 @@ def _quantization(q) -> str | None:
         return "fp8"
     raise ConfigError(f"config.json: quantization_config.quant_method {method!r} is not supported; supported: fp8, "
                       "compressed-tensors (FP8 weights)")
+
+
+# Fields that change what transformers computes for these architectures, which cupyllm does not implement: refused
+# by name when present with anything but the neutral value (tests/test_config.py lists them).
+UNIMPLEMENTED_FIELDS = {
+    "hidden_act": ("silu",),  # the MLP's activation: SiLU x up only
+    "mlp_bias": (False, None),  # Llama: bias on gate/up/down
+    "partial_rotary_factor": (1, 1.0, None),  # rotary embedding on part of each head
+    "attn_logit_softcapping": (None,),
+    "final_logit_softcapping": (None,),
+    "no_rope_layers": (None,),  # layers without rotary embedding
+}
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _refuse_unimplemented(arch: str, raw: dict) -> None:
+    params = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
+    for name, neutral in UNIMPLEMENTED_FIELDS.items():
+        value = params.get(name, raw.get(name)) if name == "partial_rotary_factor" else raw.get(name)
+        if name == "hidden_act" and value is None:
+            continue  # the architecture's default, SiLU
+        if value not in neutral:
+            raise ConfigError(f"config.json: {name} = {value!r} is not supported for {arch} (it changes the model's "
+                              f"math and cupyllm does not implement it); supported: {neutral[0]!r}")
+    types = raw.get("layer_types")
+    if types is not None and (not isinstance(types, list) or any(t not in LAYER_TYPES for t in types)):
+        raise ConfigError(f"config.json: layer_types may hold only {', '.join(LAYER_TYPES)}; got {types!r}")
+
+
+def _sliding_window(arch: str, raw: dict) -> dict:
+    """sliding_window and sliding_layers as transformers reads them: Mistral slides every layer when sliding_window
+    is set; Qwen2/Qwen3 only with use_sliding_window, on the layers layer_types marks (else from max_window_layers
+    on); Llama never."""
+    window = raw.get("sliding_window")
+    if arch == "LlamaForCausalLM" or not window or (arch != "MistralForCausalLM" and not raw.get("use_sliding_window")):
+        return {}
+    if not isinstance(window, int) or window <= 0:
+        raise ConfigError(f"config.json: sliding_window must be a positive integer or null, got {window!r}")
+    num_layers = raw["num_hidden_layers"]
+    if arch == "MistralForCausalLM":
+        layers = range(num_layers)
+    elif raw.get("layer_types") is not None:
+        layers = [i for i, t in enumerate(raw["layer_types"]) if t == "sliding_attention"]
+    else:
+        layers = range(int(raw.get("max_window_layers", 28)), num_layers)
+    return {"sliding_window": window, "sliding_layers": tuple(layers)}
 
 
 def _rope_theta(raw: dict) -> float:

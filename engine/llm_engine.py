@@ -101,7 +101,9 @@ class LLMEngine:
             raise ConfigError(f"the KV cache holds {num_blocks} blocks ({num_blocks * config.cache.block_size} "
                               f"tokens), fewer than one sequence of max_model_len {self.max_model_len}; "
                               "lower max_model_len or give the cache more memory")
-        self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        # every layer sliding: blocks the window has passed go back (a model with some full layers keeps them all)
+        self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
+                                          mc.sliding_window if mc.all_layers_slide else 0)
         self.scheduler = Scheduler(sc, self.block_manager)
         tokenizer_eos = self.tokenizer.eos_token_ids if self.tokenizer else frozenset()
         self.eos_token_ids = frozenset(mc.eos_token_ids) | tokenizer_eos
@@ -299,6 +301,10 @@ class LLMEngine:
                                   f"model's {layers} layers")
             proposer = GreedyDraftProposer(self.runner, self.block_manager, self.runner.model, self.runner.kv_caches,
                                            spec.draft_layers)
+        if proposer is None and spec.method == "draft_model" and self.block_manager.window:
+            raise ConfigError("speculative_config method draft_model: the target has sliding-window attention, so its "
+                              "blocks outside the window are released, and a draft model reads the same block tables; "
+                              "use ngram or self_draft with this model")
         if proposer is None and spec.method == "draft_model":
             draft = self.runner.draft
             if draft is None:

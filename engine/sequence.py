@@ -24,7 +24,7 @@ class Sequence:
     __slots__ = ("seq_id", "request_id", "index", "token_ids", "num_prompt_tokens", "params", "seed",
                  "arrival_time", "status", "num_computed_tokens", "num_cached_tokens", "block_table",
                  "block_hashes", "finish_reason", "stop_reason", "logprobs", "first_token_time", "pending_row",
-                 "num_spec", "draft_computed", "grammar")
+                 "num_spec", "draft_computed", "grammar", "num_released_blocks")
 
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
                  seed: int, arrival_time: float | None = None):
@@ -39,7 +39,8 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.num_cached_tokens = 0  # of those, how many came from prefix-cache hits
-        self.block_table: list[int] = []
+        self.block_table: list[int] = []  # -1: a block released because the sliding window has passed it
+        self.num_released_blocks = 0  # the first entries of block_table released so (BlockManager.window)
         self.block_hashes: list[int] = []  # hash chain of the full blocks, computed lazily
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.stop_reason: int | str | None = None  # the stop token id or stop string that matched

@@ -88,12 +88,15 @@ def rope_and_cache(qkv: np.ndarray, positions: np.ndarray, slot_mapping: np.ndar
 
 
 def attention(qkv: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, meta: AttentionMetadata,
-              scale: float, out: np.ndarray) -> None:
+              scale: float, out: np.ndarray, window: int = 0) -> None:
     """Causal attention over the paged cache for a batch of variable-length query spans.
 
     Sequence b owns query rows query_start_loc[b]:query_start_loc[b+1]; they are the last tokens of
     its seq_lens[b]-token context, whose K/V (this step's included) are already in the cache.
     Rows of sequences with seq_lens 0 (graph padding) are written as zeros. out: [T, Hq * D].
+    window > 0: the query at position p sees positions p - window + 1 .. p only (sliding-window attention, as
+    transformers masks it); blocks wholly before the first query's window may have been freed (their table
+    entries are -1) and are never read.
     """
     _, hkv, block_size, d = k_cache.shape
     hq = out.shape[1] // d
@@ -104,13 +107,18 @@ def attention(qkv: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, meta: A
         start, end, ctx = int(qsl[b]), int(qsl[b + 1]), int(meta.seq_lens[b])
         if end == start or ctx == 0:
             continue
-        blocks = meta.block_tables[b, : -(-ctx // block_size)]
-        # k, v: [Hkv, ctx, D] gathered block by block from the cache
-        k, v = (_gather(cache, blocks).transpose(1, 0, 2, 3).reshape(hkv, -1, d)[:, :ctx] for cache in (k_cache, v_cache))
+        # the first block any query of the span sees: all of them without a window
+        first = max(0, ctx - (end - start) - window + 1) // block_size if window > 0 else 0
+        blocks = meta.block_tables[b, first: -(-ctx // block_size)]
+        # k, v: [Hkv, ctx - first * block_size, D] gathered block by block from the cache
+        k, v = (_gather(cache, blocks).transpose(1, 0, 2, 3).reshape(hkv, -1, d)[:, :ctx - first * block_size]
+                for cache in (k_cache, v_cache))
         q = qkv[start:end, : hq * d].reshape(end - start, hkv, group, d)
-        scores = np.einsum("tkgd,ksd->kgts", q, k) * scale  # [Hkv, group, q_len, ctx]
+        scores = np.einsum("tkgd,ksd->kgts", q, k) * scale  # [Hkv, group, q_len, keys]
         q_pos = np.arange(ctx - (end - start), ctx)[:, None]
-        scores = np.where(np.arange(ctx)[None, :] <= q_pos, scores, -np.inf)
+        k_pos = np.arange(first * block_size, ctx)[None, :]
+        seen = (k_pos <= q_pos) & (k_pos > q_pos - window) if window > 0 else k_pos <= q_pos
+        scores = np.where(seen, scores, -np.inf)
         scores -= scores.max(axis=-1, keepdims=True)
         probs = np.exp(scores)
         probs /= probs.sum(axis=-1, keepdims=True)
@@ -140,7 +148,8 @@ def _llama3_inv_freq(inv_freq: np.ndarray, s) -> np.ndarray:
     high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
-    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smooth = ((s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+              / (s.high_freq_factor - s.low_freq_factor))
     blended = (1 - smooth) * scaled / s.factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return np.where(medium, blended, scaled)

@@ -21,6 +21,9 @@ ARCHS = {
         "original_max_position_embeddings": 64})),
     "llama_linear": ("LlamaConfig", dict(rope_scaling={"rope_type": "linear", "factor": 2.0})),
     "mistral": ("MistralConfig", dict(sliding_window=None)),
+    # sliding windows shorter than the prompts: every layer (its blocks released), and Qwen2's last layer only
+    "mistral_window": ("MistralConfig", dict(sliding_window=40)),
+    "qwen2_window": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=12, max_window_layers=1)),
     "qwen3": ("Qwen3Config", dict(head_dim=64, tie_word_embeddings=True)),
 }
 

@@ -116,3 +116,23 @@ def test_preemption_frees_the_newest_and_requeues_it_first():
     assert [s.seq for s in out.scheduled] == [b]
     # a took one of b's two freed blocks (b's tail, evicted first); b's head block comes back as a hit.
     assert b.num_cached_tokens == 16
+
+
+def test_sliding_window_releases_blocks_the_window_has_passed():
+    """window 20: computing from position p needs keys from p - 19 on; blocks wholly before go back (cached ones
+    stay reusable for a prefix hit), the table keeps their places as -1, and free() returns the rest once."""
+    bm = BlockManager(8, window=20)
+    a = _seq(range(64))
+    assert bm.allocate(a, 48)  # a prefill chunk from 0: nothing released yet
+    a.num_computed_tokens = 48
+    assert bm.allocate(a, 16)  # next chunk from 48 sees keys 29..: block 0 (0-15) goes, block 1 (16-31) stays
+    assert a.block_table[0] == -1 and a.num_released_blocks == 1 and -1 not in a.block_table[1:]
+    assert bm.num_free_blocks == 8 - 3
+    a.num_computed_tokens = 64
+    a.token_ids.append(7)
+    assert bm.allocate(a, 1)  # from 64: keys 45..: block 1 (16-31) goes, block 2 (32-47) holds 45 and stays
+    assert a.block_table[:2] == [-1, -1] and a.num_released_blocks == 2
+    b = _seq(list(range(32)) + [5])
+    assert len(bm.find_cached_prefix(b)) == 2  # the released blocks are still cached
+    bm.free(a)
+    assert bm.num_free_blocks == 8 and all(c == 0 for c in bm.ref_counts) and a.num_released_blocks == 0

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from engine.config import ConfigError, EngineConfig, ModelConfig
+from engine.config import UNIMPLEMENTED_FIELDS, ConfigError, EngineConfig, ModelConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
@@ -155,6 +155,52 @@ def test_unsupported_configs_name_the_field(overrides, message):
     with pytest.raises(ConfigError) as e:
         ModelConfig.from_dict(_config(**overrides))
     assert message in str(e.value)
+
+
+# Each field of engine/config.UNIMPLEMENTED_FIELDS with a value that changes the math, and what is refused for it.
+MATH_CHANGING = [
+    ("hidden_act", "gelu_pytorch_tanh"),
+    ("mlp_bias", True),
+    ("partial_rotary_factor", 0.5),
+    ("attn_logit_softcapping", 50.0),
+    ("final_logit_softcapping", 30.0),
+    ("no_rope_layers", [1, 0]),
+]
+
+
+@pytest.mark.parametrize("field, value", MATH_CHANGING, ids=[f for f, _ in MATH_CHANGING])
+def test_fields_that_change_the_math_are_refused_never_ignored(field, value):
+    with pytest.raises(ConfigError, match=f"{field} = .* is not supported for LlamaForCausalLM"):
+        ModelConfig.from_dict(_config(**{field: value}))
+    neutral = UNIMPLEMENTED_FIELDS[field][0]
+    ModelConfig.from_dict(_config(**{field: neutral}))  # the neutral value loads
+
+
+def test_every_unimplemented_field_has_a_refusal_test():
+    assert {f for f, _ in MATH_CHANGING} == set(UNIMPLEMENTED_FIELDS)
+
+
+def test_partial_rotary_inside_rope_parameters_and_unknown_layer_types_are_refused():
+    with pytest.raises(ConfigError, match="partial_rotary_factor"):
+        ModelConfig.from_dict(_config(rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                       "partial_rotary_factor": 0.25}))
+    with pytest.raises(ConfigError, match="layer_types may hold only full_attention, sliding_attention"):
+        ModelConfig.from_dict(_config(layer_types=["full_attention", "chunked_attention"]))
+
+
+@pytest.mark.parametrize("arch, fields, window, layers", [
+    ("MistralForCausalLM", dict(sliding_window=4096), 4096, (0, 1, 2, 3)),
+    ("MistralForCausalLM", dict(sliding_window=None), 0, ()),
+    ("Qwen2ForCausalLM", dict(sliding_window=4096, max_window_layers=2), 0, ()),  # use_sliding_window off
+    ("Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=64, max_window_layers=3), 64, (3,)),
+    ("Qwen3ForCausalLM", dict(use_sliding_window=True, sliding_window=64,
+                              layer_types=["sliding_attention", "full_attention"] * 2), 64, (0, 2)),
+    ("LlamaForCausalLM", dict(sliding_window=64), 0, ()),  # transformers' Llama has no window
+])
+def test_sliding_window_is_read_as_transformers_reads_it(arch, fields, window, layers):
+    c = ModelConfig.from_dict(_config(architectures=[arch], num_hidden_layers=4, **fields))
+    assert (c.sliding_window, c.sliding_layers) == (window, layers)
+    assert c.all_layers_slide == (len(layers) == 4)
 
 
 def test_missing_config_field_and_file(tmp_path):

@@ -32,6 +32,15 @@ def _variants(path: Path) -> list[list[str]]:
     return [v.split() for v in m.group(1).split(";") if v.strip()]
 
 
+def _spills_allowed(path: Path) -> set[tuple[str, str]]:
+    """(arch, defines) pairs a file allows to spill, each named with its reason on a line
+    `// nvcc-spills-allowed: sm_80 -DT=half -DSLIDING=1 (why)`."""
+    allowed = set()
+    for m in re.finditer(r"^//\s*nvcc-spills-allowed:\s*(\S+)\s+([^(]*?)\s*\(", path.read_text(), re.M):
+        allowed.add((m.group(1), m.group(2)))
+    return allowed
+
+
 def _compile(path: Path, arch: str, defines: list[str]) -> str:
     cmd = [NVCC, f"-arch={arch}", "-std=c++17", "-Xptxas", "-v", "-c", "-o", "/dev/null", *defines, str(path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -55,9 +64,10 @@ def test_there_are_kernels_to_check():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("path", KERNELS, ids=lambda p: p.name)
 def test_kernel_compiles_without_decode_path_spills(path, arch):
+    allowed = _spills_allowed(path)
     for defines in _variants(path):
         report = _compile(path, arch, defines)
-        if path.name not in DECODE_PATH:
+        if path.name not in DECODE_PATH or (arch, " ".join(defines)) in allowed:
             continue
         spills = [line for line in report.splitlines()
                   if re.search(r"[1-9]\d* bytes spill (stores|loads)", line)]

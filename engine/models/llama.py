@@ -193,7 +193,7 @@ class LlamaModel:
             b.linear(xin, layer.qkv, layer.qkv_bias, qkv)
             b.rope_and_cache(qkv, positions, meta.slot_mapping, k_cache, v_cache, self.cos_sin,
                              layer.q_norm, layer.k_norm, eps)
-            b.attention(qkv, k_cache, v_cache, meta, self.scale, attn)
+            b.attention(qkv, k_cache, v_cache, meta, self.scale, attn, c.window(i))
             if fp8:
                 b.quantize_fp8(attn, attn_in)
             b.linear(attn_in, layer.o_proj, layer.o_bias, hidden)

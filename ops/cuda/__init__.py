@@ -138,9 +138,9 @@ class CudaBackend:
         _basic.rope_and_cache(qkv, positions, slot_mapping, k, v, cos_sin, q_norm, k_norm, eps,
                               None if ks is None else (ks, vs))
 
-    def attention(self, qkv, k_cache, v_cache, meta, scale, out):
+    def attention(self, qkv, k_cache, v_cache, meta, scale, out, window: int = 0):
         (k, ks), (v, vs) = _cache_parts(k_cache), _cache_parts(v_cache)
-        _attention.attention(qkv, k, v, meta, scale, out, k_scale=ks, v_scale=vs)
+        _attention.attention(qkv, k, v, meta, scale, out, k_scale=ks, v_scale=vs, window=window)
 
     def sample(self, logits, sampling_tensors):
         return _sampling.sample(logits, sampling_tensors)
@@ -158,7 +158,8 @@ def require_fp8() -> None:
     if cc < 89:
         name = cp.cuda.runtime.getDeviceProperties(device.id)["name"].decode()
         raise RuntimeError(f"FP8 weights need an sm_89 or newer GPU (Ada, Hopper) for FP8 GEMMs; this {name} is "
-                           f"sm_{cc}. Serve without --quantization fp8 (fp16/bf16 weights), or an unquantized checkpoint")
+                           f"sm_{cc}. Serve without --quantization fp8 (fp16/bf16 weights), or an unquantized "
+                           "checkpoint")
 
 
 def to_storage(array: np.ndarray, dtype_name: str) -> np.ndarray:

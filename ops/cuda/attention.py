@@ -27,7 +27,7 @@ COMBINE_THREADS = 128
 
 
 def attention(qkv, k_cache, v_cache, meta: AttentionMetadata, scale: float, out, workspace=None,
-              k_scale=None, v_scale=None) -> None:
+              k_scale=None, v_scale=None, window: int = 0) -> None:
     """Causal attention of the query rows of `qkv` over the paged cache, written to `out`.
 
     qkv: [T, >= Hq*D] (query heads first, row stride free); k_cache, v_cache: [num_blocks, Hkv, 16, D];
@@ -37,6 +37,7 @@ def attention(qkv, k_cache, v_cache, meta: AttentionMetadata, scale: float, out,
     module-level buffer that grows outside graph capture (call reserve_decode_workspace first).
     An FP8 cache: k_cache, v_cache hold E4M3 codes (uint8), k_scale and v_scale the float32 scale of each KV head
     [Hkv] (value = code * scale); the kernels decode the codes on the fly.
+    window > 0: sliding-window attention, query position p sees keys p - window + 1 .. p (ops.reference.attention).
     """
     hkv, d, group = _check(qkv, k_cache, v_cache, meta, out, k_scale, v_scale)
     if meta.max_query_len <= 0:
@@ -46,6 +47,7 @@ def attention(qkv, k_cache, v_cache, meta: AttentionMetadata, scale: float, out,
     scale_log2 = np.float32(scale * np.log2(np.e))  # kernels use exp2
     # The fp16/bf16 kernels never read the scale pointers: any device pointer will do.
     scales = (k_scale, v_scale) if k_scale is not None else (meta.seq_lens, meta.seq_lens)
+    ints["window"] = np.int32(max(int(window), 0))
     if meta.max_query_len == 1:
         _decode(qkv, k_cache, v_cache, scales, meta, out, hkv, d, group, ints, scale_log2, workspace)
     else:
@@ -121,17 +123,17 @@ def _decode(qkv, k_cache, v_cache, scales, meta, out, hkv, d, group, ints, scale
         partial_o = ws[: num_seqs * hq * splits * d]
         partial_ml = ws[num_seqs * hq * splits * d: need]
     ctype = cuda_type(qkv.dtype)
-    kernel, smem = _decode_kernel(ctype, d, DECODE_WARPS, DECODE_STAGES, _fp8(k_cache))
+    kernel, smem = _decode_kernel(ctype, d, DECODE_WARPS, DECODE_STAGES, _fp8(k_cache), bool(ints["window"]))
     grid = (splits, hkv * -(-group // 16), num_seqs)
     kernel(grid, (DECODE_WARPS * 32,), (
         qkv, ints["q_stride"], k_cache, v_cache, *scales, meta.block_tables, ints["max_blocks"], meta.seq_lens,
         meta.query_start_loc, out, ints["out_stride"], partial_o, partial_ml, np.int32(hkv), np.int32(group),
-        np.int32(splits), np.int32(MIN_CHUNK), scale_log2), shared_mem=smem)
+        np.int32(splits), np.int32(MIN_CHUNK), scale_log2, ints["window"]), shared_mem=smem)
     if splits > 1:
         combine = get_kernel("attention_decode.cu", "paged_attention_combine", T=ctype, HEAD_DIM=d,
                              NUM_WARPS=DECODE_WARPS, STAGES=DECODE_STAGES)
         combine((hq, num_seqs), (COMBINE_THREADS,), (partial_o, partial_ml, meta.seq_lens, meta.query_start_loc, out,
-                                      ints["out_stride"], np.int32(splits), np.int32(MIN_CHUNK)))
+                                      ints["out_stride"], np.int32(splits), np.int32(MIN_CHUNK), ints["window"]))
 
 
 def _prefill(qkv, k_cache, v_cache, scales, meta, out, hkv, d, group, ints, scale_log2):
@@ -143,7 +145,8 @@ def _prefill(qkv, k_cache, v_cache, scales, meta, out, hkv, d, group, ints, scal
     grid = (-(-meta.max_query_len * group // (64 * mt)), hkv, num_seqs)
     kernel(grid, (128,), (
         qkv, ints["q_stride"], k_cache, v_cache, *scales, meta.block_tables, ints["max_blocks"], meta.seq_lens,
-        meta.query_start_loc, out, ints["out_stride"], np.int32(hkv), np.int32(group), scale_log2), shared_mem=smem)
+        meta.query_start_loc, out, ints["out_stride"], np.int32(hkv), np.int32(group), scale_log2, ints["window"]),
+        shared_mem=smem)
 
 
 def _fp8(cache) -> bool:
@@ -155,9 +158,9 @@ def _fp8_define(fp8: bool) -> dict:
 
 
 @functools.cache
-def _decode_kernel(ctype: str, d: int, warps: int, stages: int, fp8: bool = False):
+def _decode_kernel(ctype: str, d: int, warps: int, stages: int, fp8: bool = False, sliding: bool = False):
     kernel = get_kernel("attention_decode.cu", "paged_attention_decode", T=ctype, HEAD_DIM=d,
-                        NUM_WARPS=warps, STAGES=stages, **_fp8_define(fp8))
+                        NUM_WARPS=warps, STAGES=stages, **_fp8_define(fp8), **({"SLIDING": 1} if sliding else {}))
     page = BLOCK_SIZE * d * 2  # one page of K or V as fp16/bf16
     # per warp: `stages` pages of K and V; FP8: the pages' codes (half the bytes) and one decoded K and V page
     ring = warps * (stages * page + 2 * page if fp8 else stages * 2 * page)
@@ -227,9 +230,11 @@ def _check(qkv, k_cache, v_cache, meta, out, k_scale, v_scale):
     for name in ("query_start_loc", "seq_lens", "block_tables"):
         a = getattr(meta, name)
         if not isinstance(a, cp.ndarray) or a.dtype != np.int32 or not a.flags.c_contiguous:
-            raise TypeError(f"meta.{name} must be a contiguous int32 CuPy array, got {type(a).__name__} {getattr(a, 'dtype', '')}")
+            raise TypeError(f"meta.{name} must be a contiguous int32 CuPy array, got {type(a).__name__} "
+                            f"{getattr(a, 'dtype', '')}")
     num_seqs = meta.seq_lens.shape[0]
-    if meta.query_start_loc.shape != (num_seqs + 1,) or meta.block_tables.ndim != 2 or meta.block_tables.shape[0] != num_seqs:
+    if (meta.query_start_loc.shape != (num_seqs + 1,) or meta.block_tables.ndim != 2
+            or meta.block_tables.shape[0] != num_seqs):
         raise ValueError(f"meta shapes disagree: query_start_loc {meta.query_start_loc.shape}, seq_lens "
                          f"{meta.seq_lens.shape}, block_tables {meta.block_tables.shape}")
     return hkv, d, out.shape[1] // d // hkv

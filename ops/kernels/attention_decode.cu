@@ -22,7 +22,9 @@
 // v_scale [Hkv]. cp.async lands a page's codes in the ring (half the bytes of an fp16 page); the warp
 // decodes them into one fp16/bf16 tile of the usual layout, and the tensor-core loop runs unchanged.
 // The K scale is folded into the softmax scale, the V scale into the output (both are linear there).
-// nvcc-variants: -DT=half; -DT=__nv_bfloat16; -DT=__nv_bfloat16 -DHEAD_DIM=64; -DT=half -DHEAD_DIM=16; -DT=half -DKV_FP8=1; -DT=__nv_bfloat16 -DKV_FP8=1 -DHEAD_DIM=64; -DT=half -DKV_FP8=1 -DHEAD_DIM=16
+// nvcc-variants: -DT=half; -DT=__nv_bfloat16; -DT=__nv_bfloat16 -DHEAD_DIM=64; -DT=half -DHEAD_DIM=16; -DT=half -DKV_FP8=1; -DT=__nv_bfloat16 -DKV_FP8=1 -DHEAD_DIM=64; -DT=half -DKV_FP8=1 -DHEAD_DIM=16; -DT=half -DSLIDING=1; -DT=__nv_bfloat16 -DSLIDING=1 -DHEAD_DIM=64; -DT=half -DKV_FP8=1 -DSLIDING=1
+// nvcc-spills-allowed: sm_80 -DT=half -DSLIDING=1 (28 bytes: the window bound is the 171st register at D=128; none on sm_90a)
+// nvcc-spills-allowed: sm_89 -DT=half -DSLIDING=1 (the same)
 #include "mma.cuh"
 
 #ifndef T
@@ -41,6 +43,9 @@
 #define KV_FP8 0
 #endif
 #define MIN_CTAS (NUM_WARPS >= 12 ? 1 : 12 / NUM_WARPS)  // 12 warps per SM: <= 170 registers
+#ifndef SLIDING
+#define SLIDING 0                            // 1: sliding-window attention (the `window` argument)
+#endif
 #define MAX_SPLITS 256                       // the launcher never asks for more
 #define COMBINE_THREADS 128
 
@@ -70,6 +75,13 @@ __device__ __forceinline__ unsigned swz(int row, int chunk) {
 
 // How sequence of length seq_len is split: returns the number of non-empty splits, sets *chunk
 // (tokens per split, a multiple of PAGE). The combine kernel calls this too: same answer.
+// Sliding window (window > 0): the query at position seq_len - 1 sees positions seq_len - window .. seq_len - 1.
+// The span split starts at the page holding the first of them (earlier pages may have been freed: their table
+// entries are never read); keys before it in that page are masked.
+__device__ __forceinline__ int window_begin(int seq_len, int window) {
+    return window > 0 ? max(0, seq_len - window) : 0;
+}
+
 __device__ __forceinline__ int split_plan(int seq_len, int max_splits, int min_chunk, int* chunk) {
     if (seq_len <= 0) { *chunk = 0; return 0; }
     int n = min(max_splits, (seq_len + min_chunk - 1) / min_chunk);
@@ -109,7 +121,7 @@ paged_attention_decode(const T* __restrict__ qkv, int q_stride,
                        T* __restrict__ out, int out_stride,
                        float* __restrict__ partial_o,   // [B, Hq, max_splits, D]
                        float* __restrict__ partial_ml,  // [B, Hq, max_splits, 2] (max, sum), log2 units
-                       int num_kv_heads, int group, int max_splits, int min_chunk, float scale_log2) {
+                       int num_kv_heads, int group, int max_splits, int min_chunk, float scale_log2, int window) {
     extern __shared__ __align__(128) unsigned char smem[];
     const int split = blockIdx.x, b = blockIdx.z;
     const int slices = (group + 15) >> 4;
@@ -124,16 +136,32 @@ paged_attention_decode(const T* __restrict__ qkv, int q_stride,
     if (query_start_loc[b + 1] == q_row) return;
     T* out_row = out + (size_t)q_row * out_stride + (size_t)head0 * HEAD_DIM;
     const int seq_len = seq_lens[b];
+#if SLIDING
+    const int win_begin = window_begin(seq_len, window);
+#else
+    const int win_begin = 0;  // only the SLIDING variant reads `window` (the others keep their registers: 168 of 170)
+#endif
+    const int span_begin = win_begin / PAGE * PAGE;
     int chunk;
-    const int nsplit = split_plan(seq_len, max_splits, min_chunk, &chunk);
+    const int nsplit = split_plan(seq_len - span_begin, max_splits, min_chunk, &chunk);
     if (nsplit == 0) {  // padding row: defined zeros
         if (split == 0)
             for (int i = tid; i < nrows * HEAD_DIM; i += NUM_WARPS * 32) out_row[i] = T(0.0f);
         return;
     }
     if (split >= nsplit) return;  // grid sized for a longer context than this sequence has
-    const int tok_begin = split * chunk, tok_end = min(seq_len, tok_begin + chunk);
+    const int tok_begin = span_begin + split * chunk, tok_end = min(seq_len, tok_begin + chunk);
     const int first_page = tok_begin / PAGE, num_pages = (tok_end - tok_begin + PAGE - 1) / PAGE;
+#if SLIDING
+    // Keys tok_begin .. tok_begin + head - 1 are before the window (split 0's first page only). One register
+    // carries both bounds through the page loop: tok_end << 4 | head.
+    const int bounds = tok_end << 4 | (split == 0 ? win_begin - span_begin : 0);
+#define TOK_END (bounds >> 4)
+#define KEY_LIVE(tok) ((tok) < TOK_END && (tok) - first_page * PAGE >= (bounds & 15))
+#else
+#define TOK_END tok_end
+#define KEY_LIVE(tok) ((tok) < tok_end)
+#endif
 #if KV_FP8
     const float qk_scale = scale_log2 * k_scale[kvh], out_scale = v_scale[kvh];
 #else
@@ -166,7 +194,7 @@ paged_attention_decode(const T* __restrict__ qkv, int q_stride,
             const int page = first_page + warp + i * NUM_WARPS;
             const size_t base = ((size_t)table[page] * num_kv_heads + kvh) * PAGE * HEAD_DIM;
             load_page(ring + (i % STAGES) * 2 * RAW_BYTES, k_cache + base, v_cache + base,
-                      tok_end - page * PAGE, lane);
+                      TOK_END - page * PAGE, lane);
         }
         cp_async_commit();  // empty groups keep the wait_group count uniform
     };
@@ -207,7 +235,7 @@ paged_attention_decode(const T* __restrict__ qkv, int q_stride,
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int tok = page_tok + j * 8 + 2 * t + (e & 1);
-                s[j][e] = tok < tok_end ? s[j][e] * qk_scale : NEG_INF;
+                s[j][e] = KEY_LIVE(tok) ? s[j][e] * qk_scale : NEG_INF;
             }
         float mx0 = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
         float mx1 = fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]));
@@ -240,6 +268,8 @@ paged_attention_decode(const T* __restrict__ qkv, int q_stride,
         }
         __syncwarp();  // all lanes done reading this stage before it is refilled
     }
+#undef TOK_END
+#undef KEY_LIVE
     l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
     l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
@@ -300,13 +330,14 @@ paged_attention_decode(const T* __restrict__ qkv, int q_stride,
 extern "C" __global__ void __launch_bounds__(COMBINE_THREADS)
 paged_attention_combine(const float* __restrict__ partial_o, const float* __restrict__ partial_ml,
                         const int* __restrict__ seq_lens, const int* __restrict__ query_start_loc,
-                        T* __restrict__ out, int out_stride, int max_splits, int min_chunk) {
+                        T* __restrict__ out, int out_stride, int max_splits, int min_chunk, int window) {
     __shared__ float weight[MAX_SPLITS];
     const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x, num_heads = gridDim.x;
     const int q_row = query_start_loc[b];
     if (query_start_loc[b + 1] == q_row) return;
     int chunk;
-    const int nsplit = split_plan(seq_lens[b], max_splits, min_chunk, &chunk);
+    const int seq_len = seq_lens[b];
+    const int nsplit = split_plan(seq_len - window_begin(seq_len, window) / PAGE * PAGE, max_splits, min_chunk, &chunk);
     if (nsplit <= 1) return;
     const size_t base = ((size_t)b * num_heads + h) * max_splits;
     const float* ml = partial_ml + base * 2;

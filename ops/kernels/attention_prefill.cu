@@ -5,6 +5,7 @@
 // step), query_start_loc [B+1], out [rows, out_stride]. Query i of sequence b sits at absolute
 // position seq_len - q_len + i and sees keys 0..that position, so chunked prefill and prefix-cache
 // hits (earlier context already in the cache) need nothing special. seq_len 0 -> zero rows.
+// window > 0 (sliding-window attention): query position p sees keys p - window + 1 .. p only.
 //
 // Flash-attention style on tensor cores (mma.sync m16n8k16, fp32 accumulate, ldmatrix from
 // XOR-swizzled shared memory), with GQA packing: the M rows of a CTA are (token, head) pairs of one
@@ -59,15 +60,16 @@ __device__ __forceinline__ unsigned swz(int row, int chunk) {
     return (unsigned)((row * CHUNKS + (chunk ^ (row & SWZ))) * 16);
 }
 
-// Copy key tile `tile` (BN tokens of K and V for one KV head) into a stage; keys >= num_keys are zeros.
+// Copy key tile `tile` (BN tokens of K and V for one KV head, from key key_base + tile * BN) into a stage; keys
+// >= num_keys are zeros.
 __device__ __forceinline__ void load_kv_tile(unsigned s_k, const kv_t* k_cache, const kv_t* v_cache,
                                              const int* table, int num_kv_heads, int kvh,
-                                             int tile, int num_keys, int tid) {
+                                             int key_base, int tile, int num_keys, int tid) {
 #if KV_FP8  // the codes as they lie: rows of HEAD_DIM bytes
 #pragma unroll
     for (int i = tid; i < BN * HEAD_DIM / 16; i += NUM_WARPS * 32) {
         const int row = i / (HEAD_DIM / 16), c = i % (HEAD_DIM / 16);
-        const int tok = tile * BN + row;
+        const int tok = key_base + tile * BN + row;
         const int live = tok < num_keys;
         const int safe = live ? tok : num_keys - 1;
         const size_t src = (((size_t)table[safe / PAGE] * num_kv_heads + kvh) * PAGE + safe % PAGE) * HEAD_DIM + c * 16;
@@ -78,7 +80,7 @@ __device__ __forceinline__ void load_kv_tile(unsigned s_k, const kv_t* k_cache, 
 #pragma unroll
     for (int i = tid; i < BN * CHUNKS; i += NUM_WARPS * 32) {
         const int row = i / CHUNKS, c = i % CHUNKS;
-        const int tok = tile * BN + row;
+        const int tok = key_base + tile * BN + row;
         const int live = tok < num_keys;
         const int safe = live ? tok : num_keys - 1;  // never index the table past the context
         const size_t src = (((size_t)table[safe / PAGE] * num_kv_heads + kvh) * PAGE + safe % PAGE) * HEAD_DIM + c * 8;
@@ -96,7 +98,7 @@ paged_attention_prefill(const T* __restrict__ qkv, int q_stride,
                         const int* __restrict__ block_tables, int max_blocks,
                         const int* __restrict__ seq_lens, const int* __restrict__ query_start_loc,
                         T* __restrict__ out, int out_stride,
-                        int num_kv_heads, int group, float scale_log2_in) {
+                        int num_kv_heads, int group, float scale_log2_in, int window) {
     extern __shared__ __align__(128) unsigned char smem[];
     const int b = blockIdx.z, kvh = blockIdx.y;
     const int tile_m = gridDim.x - 1 - blockIdx.x;  // longest (most keys) row tiles start first
@@ -118,7 +120,10 @@ paged_attention_prefill(const T* __restrict__ qkv, int q_stride,
     const int last_token = (row0 + rows - 1) / group;
     const int num_keys = first_pos + last_token + 1;          // keys this CTA's last row sees
     const int unmasked_keys = first_pos + row0 / group + 1;   // keys every row of the CTA sees
-    const int num_tiles = (num_keys + BN - 1) / BN;
+    // Sliding window: key tiles start at the page of the first key the CTA's first row sees (earlier pages may have
+    // been freed: never read), and every tile is masked per row on both sides.
+    const int key_base = window > 0 ? max(0, unmasked_keys - window) / PAGE * PAGE : 0;
+    const int num_tiles = (num_keys - key_base + BN - 1) / BN;
     const int* table = block_tables + (size_t)b * max_blocks;
 #if KV_FP8
     const float scale_log2 = scale_log2_in * k_scale[kvh], out_scale = v_scale[kvh];
@@ -134,12 +139,13 @@ paged_attention_prefill(const T* __restrict__ qkv, int q_stride,
         const T* src = qkv + (live ? (size_t)(q_start + flat / group) * q_stride + (size_t)(kvh * group + flat % group) * HEAD_DIM + c * 8 : 0);
         cp_async16(s_q + swz(r, c), src, live ? 16 : 0);
     }
-    load_kv_tile(s_kv0, k_cache, v_cache, table, num_kv_heads, kvh, 0, num_keys, tid);
+    load_kv_tile(s_kv0, k_cache, v_cache, table, num_kv_heads, kvh, key_base, 0, num_keys, tid);
     cp_async_commit();
 #pragma unroll
     for (int st = 1; st < STAGES - 1; ++st) {
         if (st < num_tiles)
-            load_kv_tile(s_kv0 + st * 2 * RAW_BYTES, k_cache, v_cache, table, num_kv_heads, kvh, st, num_keys, tid);
+            load_kv_tile(s_kv0 + st * 2 * RAW_BYTES, k_cache, v_cache, table, num_kv_heads, kvh, key_base, st, num_keys,
+                         tid);
         cp_async_commit();  // empty groups keep the wait_group count uniform
     }
 
@@ -173,7 +179,7 @@ paged_attention_prefill(const T* __restrict__ qkv, int q_stride,
         const int next = j + STAGES - 1;
         if (next < num_tiles)
             load_kv_tile(s_kv0 + (next % STAGES) * 2 * RAW_BYTES, k_cache, v_cache, table, num_kv_heads, kvh,
-                         next, num_keys, tid);
+                         key_base, next, num_keys, tid);
         cp_async_commit();
         cp_async_wait<STAGES - 1>();  // tile j (and Q) landed
         __syncthreads();
@@ -221,8 +227,8 @@ paged_attention_prefill(const T* __restrict__ qkv, int q_stride,
                 }
             }
         }
-        const int key0 = j * BN;
-        const bool edge = key0 + BN > unmasked_keys;  // the tile crosses some row's causal edge
+        const int key0 = key_base + j * BN;
+        const bool edge = window > 0 || key0 + BN > unmasked_keys;  // the tile crosses some row's causal edge
         unsigned pa[MT][BN / 16][4];                  // P as A fragments, 16 keys per k-step
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
@@ -231,7 +237,9 @@ paged_attention_prefill(const T* __restrict__ qkv, int q_stride,
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int key = key0 + n * 8 + 2 * t + (e & 1);
-                    s[mt][n][e] = (!edge || key <= lim[mt][e >> 1]) ? s[mt][n][e] * scale_log2 : NEG_INF;
+                    const int lim_e = lim[mt][e >> 1];
+                    s[mt][n][e] = (!edge || (key <= lim_e && (window <= 0 || key > lim_e - window)))
+                                      ? s[mt][n][e] * scale_log2 : NEG_INF;
                 }
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
@@ -240,15 +248,18 @@ paged_attention_prefill(const T* __restrict__ qkv, int q_stride,
                 for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * h], s[mt][n][2 * h + 1]));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                // Key 0 is visible to every row and sits in tile 0: the maxima are finite from then on.
+                // Without a window key 0 is visible to every row and sits in tile 0: the maxima are finite from
+                // then on. With one, a row may see nothing of the first tiles: it stays -inf, and exponentials
+                // against 0 keep its P, O and sum at zero instead of NaN.
                 const float mn = fmaxf(m[mt][h], mx);
-                const float alpha = fast_exp2(m[mt][h] - mn);
+                const float mn_safe = mn == NEG_INF ? 0.0f : mn;
+                const float alpha = fast_exp2(m[mt][h] - mn_safe);
                 m[mt][h] = mn;
                 float ps = 0.0f;
 #pragma unroll
                 for (int n = 0; n < BN / 8; ++n) {
-                    s[mt][n][2 * h] = fast_exp2(s[mt][n][2 * h] - mn);
-                    s[mt][n][2 * h + 1] = fast_exp2(s[mt][n][2 * h + 1] - mn);
+                    s[mt][n][2 * h] = fast_exp2(s[mt][n][2 * h] - mn_safe);
+                    s[mt][n][2 * h + 1] = fast_exp2(s[mt][n][2 * h + 1] - mn_safe);
                     ps += s[mt][n][2 * h] + s[mt][n][2 * h + 1];
                 }
                 l[mt][h] = l[mt][h] * alpha + ps;

@@ -5,10 +5,9 @@ The FP8 cache (E4M3 codes, a scale per KV head) against the same oracle reading 
 """
 from __future__ import annotations
 
+import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 import numpy as np
 import pytest
-
-import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 
 from ops import quant, reference
 from ops.cuda.attention import attention, reserve_decode_workspace
@@ -83,16 +82,27 @@ class Case:
             block_tables=put(self.block_tables), slot_mapping=None,
             max_query_len=max_query_len or self.max_query_len, max_seq_len=max_seq_len or self.max_seq_len)
 
-    def reference(self) -> np.ndarray:
+    def reference(self, window: int = 0) -> np.ndarray:
         out = np.empty((self.qkv_host.shape[0], self.hq * self.d), np.float32)
         reference.attention(to_float32(self.qkv_host), to_float32(self.k_host), to_float32(self.v_host),
-                            self.meta(device=False), self.scale, out)
+                            self.meta(device=False), self.scale, out, window)
         return out
 
-    def run(self, **sizing) -> np.ndarray:
+    def run(self, window: int = 0, **sizing) -> np.ndarray:
         self.out.fill(nan_of(self.dtype))  # poison: every element must be written
-        attention(self.qkv, self.k_cache, self.v_cache, self.meta(**sizing), self.scale, self.out)
+        attention(self.qkv, self.k_cache, self.v_cache, self.meta(**sizing), self.scale, self.out, window=window)
         return to_float32(cp.asnumpy(self.out))
+
+    def release_before_window(self, window: int) -> None:
+        """As the block manager does for a sliding-window model: pages wholly before the first query's window
+        get table entry -1 (the kernels must never read them) and their contents turn NaN."""
+        q_lens = np.diff(self.query_start_loc)
+        for b, (q_len, seq_len) in enumerate(zip(q_lens, self.seq_lens)):
+            gone = max(0, int(seq_len) - int(q_len) - window + 1) // 16
+            for cache in (self.k_host, self.v_host):
+                cache[self.block_tables[b, :gone]] = nan_of(self.dtype)
+            self.block_tables[b, :gone] = -1
+        self.k_cache, self.v_cache = cp.asarray(self.k_host), cp.asarray(self.v_host)
 
 
 def check(got: np.ndarray, ref: np.ndarray, dtype: str, what: str) -> None:
@@ -178,6 +188,20 @@ def test_prefill(rng, heads, dtype):
     ref = case.reference()
     check(case.run(), ref, dtype, f"prefill {heads}")
     check(case.run(max_query_len=512, max_seq_len=MAX_MODEL_LEN), ref, dtype, f"prefill {heads}, oversized grid")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("window", [1, 16, 37, 4096])
+def test_sliding_window(rng, dtype, window):
+    """Decode (split-KV, graph-sized grid too) and prefill with a window shorter and longer than the contexts;
+    the blocks before each window are gone (table -1, NaN contents)."""
+    for what, spans in (("decode", decode_spans(rng, 13, padding=1)), ("prefill", PREFILL_SPANS)):
+        case = Case(rng, QWEN, dtype, spans)
+        case.release_before_window(window)
+        ref = case.reference(window)
+        check(case.run(window), ref, dtype, f"{what} window {window}")
+        oversized = dict(max_seq_len=MAX_MODEL_LEN, **({"max_query_len": 512} if what == "prefill" else {}))
+        check(case.run(window, **oversized), ref, dtype, f"{what} window {window}, oversized grid")
 
 
 @pytest.mark.parametrize("heads", ODD_HEADS, ids=lambda h: "x".join(map(str, h)))
