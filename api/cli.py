@@ -57,7 +57,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV-cache block (only 16)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"))
     p.add_argument("--quantization", "-q", default=None, choices=("fp8",),
-                   help="fp8: linear weights as E4M3 with per-channel scales, activations per token (sm_89+ GPUs, or numpy)")
+                   help="fp8: linear weights as E4M3 with per-channel scales, activations per token "
+                        "(sm_89+ GPUs, or numpy)")
     p.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1)
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, as vLLM takes it: {"method": "ngram", "num_speculative_tokens": 4, '
@@ -91,6 +92,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "(cupyllm's own flag)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let running requests finish while new ones get 503")
+    p.add_argument("--stream-timeout", type=float, default=60.0,
+                   help="seconds a streaming client may accept no data before its request is aborted (its KV "
+                        "blocks freed) and the connection closed (cupyllm's own flag)")
     p.add_argument("--log-prompts", "--enable-log-requests", action="store_true",
                    help="log each request's prompt and sampling parameters (off: prompts never reach the log)")
     p.add_argument("--disable-log-requests", action="store_true",
@@ -252,7 +256,7 @@ def run_serve(args: argparse.Namespace) -> int:
                      tool_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
                      cors=CORS(tuple(args.allowed_origins), tuple(args.allowed_methods), tuple(args.allowed_headers),
                                args.allow_credentials),
-                     log_requests=not args.disable_log_requests)
+                     log_requests=not args.disable_log_requests, stream_timeout=args.stream_timeout)
 
     @app.after_server_start
     async def ready(app):

@@ -30,6 +30,7 @@ from api.serving import DEFAULT_MAX_WAITING, OpenAIServing
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_STREAM_TIMEOUT = 60.0  # seconds a streaming client may accept nothing before its request is aborted
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds SIGTERM waits for running requests; keep below the orchestrator's grace
 _app_ids = itertools.count()
 
@@ -58,7 +59,8 @@ def create_app(engine, served_model_names: list[str] | None = None, api_key: str
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                stats: Callable[[], EngineStats] | None = None, max_waiting: int = DEFAULT_MAX_WAITING,
                log_prompts: bool = False, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
-               tool_parser: str | None = None, cors: "CORS | None" = None, log_requests: bool = True) -> Sanic:
+               tool_parser: str | None = None, cors: "CORS | None" = None, log_requests: bool = True,
+               stream_timeout: float = DEFAULT_STREAM_TIMEOUT) -> Sanic:
     """The server around `engine`; `stats` gives the engine-state metrics (default: `engine.stats`, the engine's
     EngineStats snapshot).
 
@@ -78,6 +80,7 @@ def create_app(engine, served_model_names: list[str] | None = None, api_key: str
     _add_cors(app, cors or CORS())
     drain = Drain(app, engine, serving, shutdown_timeout)
     app.ctx.engine, app.ctx.serving, app.ctx.metrics, app.ctx.drain = engine, serving, metrics, drain
+    app.ctx.stream_timeout = stream_timeout
     _add_auth(app, api_key)
     _add_errors(app)
     _add_routes(app, engine, serving, metrics, drain)
@@ -243,13 +246,22 @@ def _add_routes(app: Sanic, engine, serving: OpenAIServing, metrics: Metrics, dr
 
 
 async def _answer(request: Request, job, stream: bool) -> HTTPResponse | None:
-    """Send `job`'s answer; if the client goes away, Sanic cancels this task and `aclose` aborts the job."""
+    """Send `job`'s answer; if the client goes away, Sanic cancels this task and `aclose` aborts the job. A stream
+    whose client accepts nothing for the app's stream_timeout (its socket buffers full: it stopped reading) is
+    aborted the same way, and its connection closed: a reader that never reads holds no KV blocks for long."""
     try:
         if not stream:
             return json_response(await job.response())
         response = await request.respond(content_type="text/event-stream", headers=SSE_HEADERS)
+        timeout = request.app.ctx.stream_timeout
         async for chunk in job.chunks():
-            await response.send(chunk)
+            try:
+                await asyncio.wait_for(response.send(chunk), timeout)
+            except asyncio.TimeoutError:  # TimeoutError from Python 3.11 on
+                logger.warning("request %s: the client accepted nothing for %.0f s; aborting its stream",
+                               job.request_id, timeout)
+                request.transport.close()
+                return None
         await response.eof()
         return None
     finally:

@@ -76,3 +76,37 @@ def test_a_long_prompt_within_the_bound_still_gets_the_exact_count(srv):
     status, err = _post(srv.port, "/v1/completions",
                          json.dumps({"model": "demo", "prompt": "ab " * 200, "max_tokens": 4}).encode())
     assert status == 400 and "However, you requested" in err["error"]["message"]
+
+
+def test_a_client_that_never_reads_is_aborted_after_the_stream_timeout(tmp_path_factory):
+    """A streaming client that sends its request and never reads: once the socket buffers are full the server
+    waits --stream-timeout, aborts the request (its KV blocks back) and closes the connection, while the client
+    still holds it open."""
+    import socket
+
+    server = start_server(tmp_path_factory.mktemp("slow"), "--stream-timeout", "1", key=None)
+    try:
+        body = json.dumps({"model": "demo", "prompt": "tell me everything", "max_tokens": 2000, "n": 16,
+                           "stream": True, "ignore_eos": True}).encode()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a tiny window: the server's send fills up
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        t = time.perf_counter()
+        deadline = t + 60
+        while "accepted nothing for 1 s" not in server.log() and time.perf_counter() < deadline:
+            time.sleep(0.05)
+        aborted = time.perf_counter() - t
+        assert "accepted nothing for 1 s; aborting its stream" in server.log()
+        server.wait_idle(timeout=10)  # nothing running, every KV block back
+        print(f"aborted {aborted:.1f} s after the request was sent")
+        sock.settimeout(10)
+        received = 0
+        while chunk := sock.recv(1 << 16):  # what the buffers held, then the server's close
+            received += len(chunk)
+        assert received < 16 * 2000 * 150, "the whole stream arrived: the client was never stalled"
+        sock.close()
+        assert _health_ms(server.port) < 1000
+    finally:
+        stop_server(server)
