@@ -20,6 +20,11 @@ MAX_CANDIDATES = 32
 L2_FLUSH_BYTES = 2 * 50 * 2**20  # weights rotated through at least twice the H100's 50 MB L2, as in the model
 
 
+# Tables shipped with the package (files named as cache_file names them), so that a fresh machine with such a GPU and
+# cuBLASLt starts without tuning: copied from a machine's cache after `cupyllm benchmark` (scripts/gpu_check.sh).
+SHIPPED_DIR = Path(__file__).parent / "tuned"
+
+
 def cache_dir(env=None) -> Path:
     env = os.environ if env is None else env
     root = env.get("CUPYLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cupyllm")
@@ -62,13 +67,17 @@ class AutotuneCache:
         return cls(cache_file(directory or cache_dir(), gpu_name, version), gpu_name, version)
 
     def _read(self) -> dict[str, dict]:
-        try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):  # missing or half-written by a crashed run: tune again
-            return {}
-        if data.get("gpu") != self.gpu_name or data.get("cublaslt_version") != self.version:
-            return {}
-        return dict(data.get("entries", {}))
+        """The package's table for this GPU and cuBLASLt version (SHIPPED_DIR, measured on such a GPU), overlaid
+        by this machine's own measurements."""
+        entries = {}
+        for path in (SHIPPED_DIR / self.path.name, self.path):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):  # missing or half-written by a crashed run: tune again
+                continue
+            if data.get("gpu") == self.gpu_name and data.get("cublaslt_version") == self.version:
+                entries.update(data.get("entries", {}))
+        return entries
 
     def get(self, key: str) -> MatmulAlgo | None:
         entry = self.entries.get(key)

@@ -142,6 +142,8 @@ if want fp8bench; then  # issues #13 and #12: the engine benchmark fp16, fp8 wei
     timeout 60 python3 -m api.cli benchmark $ENGINE_ARGS --kv-cache-dtype $kv --max-model-len 32768 --n 256 \
       --output-len 8 --no-history 2>&1 | grep -E "KV blocks|memory:" | tee -a "$OUT/engine.log"
   done
+  # the GEMM choices these runs measured (fp16 and fp8 shapes): ship them as ops/tuned/ (ops/autotune.SHIPPED_DIR)
+  cp "${CUPYLLM_CACHE:-$HOME/.cache/cupyllm}"/autotune/*.json "$OUT"/ 2>/dev/null || echo "no autotune table to copy"
 fi
 
 if want fp8; then

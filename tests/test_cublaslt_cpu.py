@@ -16,6 +16,12 @@ from ops import autotune, cublaslt
 from ops.cublaslt import CublasLt, CublasLtError, Layout, MatmulAlgo, PlanKey, row_major_gemm
 
 
+@pytest.fixture(autouse=True)
+def _no_shipped_tables(monkeypatch, tmp_path_factory):
+    """The caches here start empty: the package's shipped tables (ops/tuned) stay out of these tests."""
+    monkeypatch.setattr(autotune, "SHIPPED_DIR", tmp_path_factory.mktemp("no-shipped"))
+
+
 # -- library search ---------------------------------------------------------------------------------------
 def touch(path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -317,6 +323,27 @@ def test_cache_merges_concurrent_writers_and_survives_garbage(tmp_path, rng):
     assert bad.get("c") is None  # a wrong-length algorithm is ignored, not trusted
     with pytest.raises(ValueError, match="64 bytes"):
         autotune.decode_algo("00" * 63)
+
+
+def test_shipped_table_is_the_default_and_local_measurements_override_it(tmp_path, rng, monkeypatch):
+    """A table in the package (SHIPPED_DIR) serves a fresh machine of that GPU and cuBLASLt version; what the
+    machine measures itself wins; another GPU or version never sees it."""
+    shipped_dir = tmp_path / "shipped"
+    monkeypatch.setattr(autotune, "SHIPPED_DIR", shipped_dir)
+    shipped = autotune.AutotuneCache.for_device("NVIDIA H100 80GB HBM3", 130100, shipped_dir)
+    k1, k2 = (autotune.tune_key("float16", m, 3584, 3584, False) for m in (1, 8))
+    a1, a2, mine = random_algo(rng), random_algo(rng), random_algo(rng)
+    shipped.put(k1, a1)
+    shipped.put(k2, a2)
+    shipped.save()
+    local = autotune.AutotuneCache.for_device("NVIDIA H100 80GB HBM3", 130100, tmp_path / "home")
+    assert bytes(local.get(k1)) == bytes(a1) and bytes(local.get(k2)) == bytes(a2)
+    local.put(k2, mine)
+    local.save()
+    again = autotune.AutotuneCache.for_device("NVIDIA H100 80GB HBM3", 130100, tmp_path / "home")
+    assert bytes(again.get(k2)) == bytes(mine) and bytes(again.get(k1)) == bytes(a1)
+    assert autotune.AutotuneCache.for_device("NVIDIA H200", 130100, tmp_path / "home").entries == {}
+    assert autotune.AutotuneCache.for_device("NVIDIA H100 80GB HBM3", 120900, tmp_path / "home").entries == {}
 
 
 class FakeLt:
