@@ -53,6 +53,7 @@ class PromptMaker:
 
     def __init__(self, session, base_url: str, headers: dict, model: str, endpoint: str, seed: int):
         import numpy as np
+
         from engine.demo import CORPUS_PATH
 
         self.session, self.base, self.headers, self.model = session, base_url.rstrip("/"), headers, model

@@ -181,9 +181,10 @@ def speculation_rows(engine, spec, args, ns, rng, vocab) -> list[dict]:
                      draft_s=round(stats.draft_seconds, 3), verify_s=round(stats.verify_seconds, 3),
                      speedup=round(r["tok_s"] / plain["tok_s"], 3))
             rows.append(r)
-            print(f"N={n:<4} a={a:<5}    {r['tok_s']:>9.1f} tok/s  step p50 {r['step_ms_p50']:.2f} ms  x{r['speedup']:.2f}"
-                  f"  accepted {r['acceptance_rate']:.2f}, {r['mean_accepted_length']:.2f} tokens a verify, "
-                  f"{r['drafts']} verifies, draft {r['draft_s']:.2f} s, verify {r['verify_s']:.2f} s")
+            print(f"N={n:<4} a={a:<5}    {r['tok_s']:>9.1f} tok/s  step p50 {r['step_ms_p50']:.2f} ms  "
+                  f"x{r['speedup']:.2f}  accepted {r['acceptance_rate']:.2f}, "
+                  f"{r['mean_accepted_length']:.2f} tokens a verify, {r['drafts']} verifies, "
+                  f"draft {r['draft_s']:.2f} s, verify {r['verify_s']:.2f} s")
     for r in rows:
         r.update(input_len=args.input_len, output_len=args.output_len)
     return rows
@@ -207,8 +208,8 @@ def structured_rows(engine, args, ns, rng, vocab) -> list[dict]:
         plain.update(n=n, structured=False)
         r.update(n=n, structured=True, vs_plain=round(r["tok_s"] / plain["tok_s"], 3), compile_s=round(compile_s, 2))
         rows += [plain, r]
-        print(f"N={n:<4} plain {plain['tok_s']:>9.1f} tok/s, JSON schema {r['tok_s']:>9.1f} tok/s (x{r['vs_plain']:.3f}); "
-              f"step p50 {plain['step_ms_p50']:.2f} / {r['step_ms_p50']:.2f} ms")
+        print(f"N={n:<4} plain {plain['tok_s']:>9.1f} tok/s, JSON schema {r['tok_s']:>9.1f} tok/s "
+              f"(x{r['vs_plain']:.3f}); step p50 {plain['step_ms_p50']:.2f} / {r['step_ms_p50']:.2f} ms")
     for r in rows:
         r.pop("first_token_epoch", None)
         r.update(input_len=args.input_len, output_len=args.output_len)
@@ -242,9 +243,9 @@ def measure(engine, rng, vocab: int, n: int, input_len: int, output_len: int, pr
     wall = time.perf_counter() - start
     decode = np.array(steps[1:] or [0.0]) * 1e3  # the step that produced the last first token is a prefill
     ttft = np.array(list(first_token.values())) - start
-    return dict(first_token_epoch=first_epoch, tok_s=round(tokens / wall, 1), output_tokens=tokens, wall_s=round(wall, 3),
-                ttft_ms=round(float(np.median(ttft)) * 1e3, 1), step_ms_p50=round(float(np.median(decode)), 3),
-                step_ms_p95=round(float(np.percentile(decode, 95)), 3))
+    return dict(first_token_epoch=first_epoch, tok_s=round(tokens / wall, 1), output_tokens=tokens,
+                wall_s=round(wall, 3), ttft_ms=round(float(np.median(ttft)) * 1e3, 1),
+                step_ms_p50=round(float(np.median(decode)), 3), step_ms_p95=round(float(np.percentile(decode, 95)), 3))
 
 
 def print_table(rows: list[dict]) -> None:

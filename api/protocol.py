@@ -345,7 +345,8 @@ def _tools(body: dict) -> tuple[list | None, str | dict, bool]:
                            param="tools")
         for i, tool in enumerate(tools):
             function = tool.get("function") if isinstance(tool, dict) else None
-            if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function, dict):
+            if (not isinstance(tool, dict) or tool.get("type", "function") != "function"
+                    or not isinstance(function, dict)):
                 raise APIError(f"tools[{i}] must be {{type: function, function: {{name, parameters}}}}", param="tools")
             if not isinstance(function.get("name"), str) or not function["name"]:
                 raise APIError(f"tools[{i}].function.name must be a non-empty string", param="tools")

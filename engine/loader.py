@@ -49,8 +49,12 @@ def resolve_model_path(model: str, revision: str | None = None) -> str:
     try:
         import huggingface_hub
         from huggingface_hub import constants
-        from huggingface_hub.utils import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                           RevisionNotFoundError)
+        from huggingface_hub.utils import (
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
     except ImportError:
         raise ModelNotFoundError(
             f"model {model!r}: {looked}, and serving a Hub model by id needs huggingface_hub, which is not "

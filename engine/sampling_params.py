@@ -56,7 +56,8 @@ _GUIDE_KINDS = ("json", "regex", "choice", "grammar", "json_object")
 class StructuredOutputs:
     """vLLM's StructuredOutputsParams: exactly one constraint on the output. json: a JSON schema (an object, or its
     JSON text); regex; choice: the output is one of these strings; grammar: Lark or GBNF/EBNF; json_object: any
-    JSON object; disable_any_whitespace: JSON output without optional whitespace. engine/structured.py compiles it (llguidance) and checks it is valid."""
+    JSON object; disable_any_whitespace: JSON output without optional whitespace. engine/structured.py compiles it
+    (llguidance) and checks it is valid."""
     json: dict | str | None = None
     regex: str | None = None
     choice: tuple[str, ...] | None = None

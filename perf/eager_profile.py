@@ -38,10 +38,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
     import ops.cuda.basic as basic
     import ops.cuda.basic_hand as hand
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
     engine = LLMEngine(EngineConfig(model=args.config_dir, load_format="dummy", dtype="float16", max_model_len=256,
                                     enforce_eager=True, enable_prefix_caching=False, skip_tokenizer_init=True))
     prompt = list(range(100, 100 + args.prompt))
@@ -66,8 +66,9 @@ def main() -> None:
     if args.json:
         with open(args.json, "a") as f:
             for impl, times in results.items():
-                f.write(json.dumps({"bench": "eager_prefill", "impl": impl, "model": args.config_dir.rstrip("/").split("/")[-1],
-                                    "prompt": args.prompt, "dtype": "float16", "ms": round(statistics.median(times), 3),
+                f.write(json.dumps({"bench": "eager_prefill", "impl": impl,
+                                    "model": args.config_dir.rstrip("/").split("/")[-1], "prompt": args.prompt,
+                                    "dtype": "float16", "ms": round(statistics.median(times), 3),
                                     "ms_min": round(min(times), 3)}) + "\n")
 
 

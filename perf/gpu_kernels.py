@@ -16,9 +16,10 @@ import time
 import cupy as cp
 import numpy as np
 
-from cuda_timing import time_eager, time_graph
 from ops import reference
 from ops.cuda import basic, basic_hand
+
+from cuda_timing import time_eager, time_graph
 
 IMPLS = {"jit": basic, "hand": basic_hand}
 
@@ -161,8 +162,8 @@ def main() -> None:
         copy_gbps = max(memcpy_gbps, kernel_gbps)
         print(f"{card}: copy measured here {memcpy_gbps:.0f} GB/s (cudaMemcpy), {kernel_gbps:.0f} GB/s (copy kernel); "
               f"H100 ceiling {CEILING_GBPS:.0f} GB/s; Qwen2.5-7B shapes")
-        print(f"{'impl':<5} {'op':<15} {'T':>5} {'dtype':<9} {'us':>8} {'us_l2':>8} {'eager':>8} {'cpu_us':>7} {'GB/s':>7} "
-              f"{'%2.99T':>7} {'%copy':>6}")
+        print(f"{'impl':<5} {'op':<15} {'T':>5} {'dtype':<9} {'us':>8} {'us_l2':>8} {'eager':>8} {'cpu_us':>7} "
+              f"{'GB/s':>7} {'%2.99T':>7} {'%copy':>6}")
         global basic
         for dtype in args.dtype or ["float16"]:
             for op in args.ops.split(","):
@@ -172,8 +173,8 @@ def main() -> None:
                     r.update(card=card, copy_gbps_here=round(copy_gbps, 1), impl=impl,
                              pct_copy_here=round(100 * r["gbps"] / copy_gbps, 1))
                     rows.append(r)
-                    print(f"{impl:<5} {op:<15} {t:>5} {dtype:<9} {r['us']:>8.2f} {r['us_l2']:>8.2f} {r['us_eager']:>8.2f} "
-                          f"{r['cpu_us']:>7.1f} {r['gbps']:>7.0f} {r['pct_ceiling']:>6.1f}% "
+                    print(f"{impl:<5} {op:<15} {t:>5} {dtype:<9} {r['us']:>8.2f} {r['us_l2']:>8.2f} "
+                          f"{r['us_eager']:>8.2f} {r['cpu_us']:>7.1f} {r['gbps']:>7.0f} {r['pct_ceiling']:>6.1f}% "
                           f"{r['pct_copy_here']:>5.1f}%", flush=True)
                 _TABLES.clear()
                 cp.get_default_memory_pool().free_all_blocks()

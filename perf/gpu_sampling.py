@@ -15,10 +15,11 @@ import time
 import cupy as cp
 import numpy as np
 
-from cuda_timing import time_eager, time_graph
 from engine.sampling_params import SamplingParams
 from ops.cuda import sampling as gpu
 from ops.sampling import SamplingTensors
+
+from cuda_timing import time_eager, time_graph
 
 CEILING_GBPS = 2990.0  # device-to-device copy on the H100 (../shared/GPU.md)
 L2_BYTES = 50e6

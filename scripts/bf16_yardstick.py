@@ -12,7 +12,6 @@ import torch
 
 from tests.conftest import ARCHS, VOCAB, write_checkpoint
 
-
 PROMPTS = 16  # the max error swings widely from prompt to prompt; the RMS error barely moves
 
 

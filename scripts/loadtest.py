@@ -10,7 +10,6 @@ cold start, memory, exact-length prompts) and api/bench_report.py (tables); see 
 """
 import sys
 
-
 from api.bench_serve import main
 
 if __name__ == "__main__":

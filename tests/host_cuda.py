@@ -52,7 +52,9 @@ FLAGS = ("-std=c++17", "-O1", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-s
 FILL = 0xFF          # filler around the arrays: NaN as float32/fp16/bf16/fp8 bits, -1 as int32
 PAGE = mmap.PAGESIZE
 
-HOST_PRELUDE = r"""// tests/host_cuda.py: the CUDA pieces ops/jit/lower.py emits, for a host C++ compiler
+# Not a raw string, so that a backslash at a line's end joins the next line to it: long lines are wrapped that way,
+# the text unchanged. Write any other backslash doubled.
+HOST_PRELUDE = """// tests/host_cuda.py: the CUDA pieces ops/jit/lower.py emits, for a host C++ compiler
 #include <math.h>
 #include <stdlib.h>
 #include <stdint.h>
@@ -88,10 +90,14 @@ template <class T> static inline T emu_shfl_t(int kind, unsigned mask, T v, int 
     __builtin_memcpy(&r, &b, sizeof(T));
     return r;
 }
-template <class T> static inline T __shfl_sync(unsigned m, T v, int lane, int w = 32) { return emu_shfl_t(0, m, v, lane, w); }
-template <class T> static inline T __shfl_up_sync(unsigned m, T v, unsigned d, int w = 32) { return emu_shfl_t(1, m, v, (int)d, w); }
-template <class T> static inline T __shfl_down_sync(unsigned m, T v, unsigned d, int w = 32) { return emu_shfl_t(2, m, v, (int)d, w); }
-template <class T> static inline T __shfl_xor_sync(unsigned m, T v, int lm, int w = 32) { return emu_shfl_t(3, m, v, lm, w); }
+template <class T> static inline T __shfl_sync(unsigned m, T v, int lane, int w = 32) { \
+return emu_shfl_t(0, m, v, lane, w); }
+template <class T> static inline T __shfl_up_sync(unsigned m, T v, unsigned d, int w = 32) { \
+return emu_shfl_t(1, m, v, (int)d, w); }
+template <class T> static inline T __shfl_down_sync(unsigned m, T v, unsigned d, int w = 32) { \
+return emu_shfl_t(2, m, v, (int)d, w); }
+template <class T> static inline T __shfl_xor_sync(unsigned m, T v, int lm, int w = 32) { \
+return emu_shfl_t(3, m, v, lm, w); }
 
 static inline float __uint_as_float(unsigned u) { float f; __builtin_memcpy(&f, &u, 4); return f; }
 static inline float __int_as_float(int u) { float f; __builtin_memcpy(&f, &u, 4); return f; }
@@ -126,12 +132,15 @@ struct __attribute__((aligned(8))) uint2 {
     uint2(const uint2 &o) { emu_aligned(&o, 8, "8-byte vector load"); x = o.x; y = o.y; }
     uint2 &operator=(const uint2 &o) { emu_aligned(this, 8, "8-byte vector store"); x = o.x; y = o.y; return *this; }
 };
-static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { uint4 r; r.x = a; r.y = b; r.z = c; r.w = d; return r; }
+static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { uint4 r; r.x = a; r.y = b; r.z = c; \
+r.w = d; return r; }
 static inline uint2 make_uint2(unsigned a, unsigned b) { uint2 r; r.x = a; r.y = b; return r; }
 template <class T> static inline T __ldg(const T *p) { emu_aligned(p, alignof(T), "__ldg"); return *p; }
 #line 1 "generated.cu"
 """
 
+# Raw up to the context switch's asm (its \n escapes are the assembler's), then not raw, so that a backslash at a
+# line's end joins the next line to it: long lines are wrapped that way, the text unchanged.
 RUNTIME = r"""// tests/host_cuda.py: blocks in turn, a block's threads as fibers switched at barriers
 #include <setjmp.h>
 #include <signal.h>
@@ -174,6 +183,7 @@ asm(".text\n.p2align 4\n.globl emu_swap_sp\n.hidden emu_swap_sp\n.type emu_swap_
     "movq %rsp, (%rdi)\nmovq %rsi, %rsp\n"
     "popq %r15\npopq %r14\npopq %r13\npopq %r12\npopq %rbx\npopq %rbp\nret\n"
     ".size emu_swap_sp, .-emu_swap_sp\n");
+""" + """\
 static void ctx_swap(Ctx *save, Ctx *load) { emu_swap_sp(&save->sp, load->sp); }
 static void ctx_make(Ctx *c, char *stack, size_t size, void (*entry)()) {
     void **sp = (void **)(((uintptr_t)(stack + size)) & ~(uintptr_t)15);
@@ -250,7 +260,8 @@ EMU_API void emu_syncwarp(unsigned mask) {
 
 EMU_API unsigned long long emu_shfl(int kind, unsigned mask, unsigned long long bits, int arg, int width) {
     if (mask != 0xffffffffu) { fail("%s(0x%x, ...): only the full mask is emulated", WARP_OPS[kind], mask); abandon(); }
-    if (width < 1 || width > 32 || (width & (width - 1))) { fail("%s: width %d is not a power of 2 up to 32", WARP_OPS[kind], width); abandon(); }
+    if (width < 1 || width > 32 || (width & (width - 1))) { \
+fail("%s: width %d is not a power of 2 up to 32", WARP_OPS[kind], width); abandon(); }
     if (arg < 0 || arg > 31) { fail("%s: lane argument %d outside [0, 32)", WARP_OPS[kind], arg); abandon(); }
     const int me = g_cur, half = (int)(g_f[me].nwarp & 1) * g_nt;
     g_slots[half + me] = bits;
@@ -281,7 +292,8 @@ static void resume(int t) {
 
 static int run_block(bool forward) {
     for (int t = 0; t < g_nt; ++t) {
-        ctx_make(&g_f[t].ctx, g_stacks + (size_t)t * g_stack + (size_t)getpagesize(), g_stack - getpagesize(), fiber_entry);
+        ctx_make(&g_f[t].ctx, g_stacks + (size_t)t * g_stack + (size_t)getpagesize(), g_stack - getpagesize(), \
+fiber_entry);
         g_f[t].state = RUN;
         g_f[t].nwarp = g_f[t].nblock = 0;
     }
@@ -311,7 +323,8 @@ static int run_block(bool forward) {
                 }
                 for (int l = 0; l < 32; ++l)
                     if (lanes[l].nwarp != lanes[0].nwarp || lanes[l].warp_op != lanes[0].warp_op) {
-                        fail("warp %d: lane 0 is at its warp barrier %lld (%s), lane %d at %lld (%s)", w, lanes[0].nwarp,
+                        fail("warp %d: lane 0 is at its warp barrier %lld (%s), lane %d at %lld (%s)", \
+w, lanes[0].nwarp,
                              WARP_OPS[lanes[0].warp_op], l, lanes[l].nwarp, WARP_OPS[lanes[l].warp_op]);
                         return -1;
                     }
@@ -361,7 +374,8 @@ EMU_API int emu_launch(void (*invoke)(void **), void **args, long long blocks, i
     g_addr = nullptr;
     g_cur = -1;
     g_block = -1;
-    if (nt < 32 || nt > 1024 || nt % 32) { fail("%d threads a block: a multiple of 32 up to 1024 is emulated", nt); return -1; }
+    if (nt < 32 || nt > 1024 || nt % 32) { fail("%d threads a block: a multiple of 32 up to 1024 is emulated", nt); \
+return -1; }
     const size_t page = (size_t)getpagesize();
     g_stack = page + ((size_t)stack_bytes + page - 1) / page * page;  // a guard page below each stack
     g_stacks_len = g_stack * (size_t)nt;

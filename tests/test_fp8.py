@@ -261,7 +261,8 @@ def test_fp8_kv_cache_model_prefix_caching_and_preemption(checkpoint, rng, caplo
     ids = rng.integers(0, VOCAB, 50).tolist()
     cos = _cosines(_all_logits(fp8, ids), _all_logits(base, ids))
     print(f"fp8 KV cache: cosine min {cos.min():.4f} mean {cos.mean():.4f}")
-    assert cos.mean() >= 0.99 and cos.min() >= 0.95  # only K and V are rounded (25 prompts: mean >= 0.995, min >= 0.969)
+    # only K and V are rounded (25 prompts: mean >= 0.995, min >= 0.969)
+    assert cos.mean() >= 0.99 and cos.min() >= 0.95
     # preemption (13 blocks cannot hold the four) and a prefix hit (the repeated prompt) give what a roomy
     # engine with the same FP8 cache gives
     prompts = [rng.integers(0, VOCAB, n).tolist() for n in (5, 17, 33, 50)] + [ids]

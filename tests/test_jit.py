@@ -131,7 +131,8 @@ def test_integer_semantics_casts_and_prefetch():
     o = np.zeros_like(a)
     outs = [np.zeros((5, 8), np.float32) for _ in range(3)]
     spec = BlockSpec((None, 8), lambda i, idx: (idx[i], 0))
-    jit.pallas_call(int_casts_prefetch, grid=(5,), num_scalar_prefetch=1, in_specs=[spec], out_specs=[spec] * 4)(idx, a, o, *outs)
+    jit.pallas_call(int_casts_prefetch, grid=(5,), num_scalar_prefetch=1, in_specs=[spec],
+                    out_specs=[spec] * 4)(idx, a, o, *outs)
     np.testing.assert_array_equal(o, a // 3 * 100 + a % 3)
     # program i reads and writes row idx[i] and adds idx[i]: row r gets a[r] * 0.37 + r
     v = a.astype(np.float32) * np.float32(0.37) + np.arange(5, dtype=np.float32)[:, None]

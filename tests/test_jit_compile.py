@@ -68,7 +68,7 @@ def test_generated_source_is_self_contained():
     """No #include: NVRTC needs no include path (pip-only CUDA installs have no headers)."""
     for launch in model_launches()[:4]:
         assert "#include" not in launch.source()
-        assert f'extern "C" __global__' in launch.source()
+        assert 'extern "C" __global__' in launch.source()
 
 
 _CHILD = textwrap.dedent("""
@@ -109,5 +109,6 @@ def test_second_process_hits_the_disk_cache(tmp_path):
     assert runs[1] == {"hits": 2, "misses": 0, "sizes": runs[0]["sizes"]}  # same binaries, nothing compiled
     from ops.jit.cache import KernelCache
     entries = KernelCache(tmp_path / "cache").entries()
-    assert sorted(e["name"] for e in entries) == ["add_rms_norm", "silu_and_mul"] and all(e["complete"] for e in entries)
+    assert sorted(e["name"] for e in entries) == ["add_rms_norm", "silu_and_mul"]
+    assert all(e["complete"] for e in entries)
     assert KernelCache(tmp_path / "cache").clear() == 2 and not KernelCache(tmp_path / "cache").entries()

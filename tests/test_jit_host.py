@@ -94,7 +94,8 @@ def assert_bits(cpu, emu, what):
 # --- the model ops -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", list(STORAGE))
-@pytest.mark.parametrize("h", [90, 200, 896, 3584, 5120])  # 2-element chunks, 25 of 32 lanes, 14 warps, 2 chunks a thread
+# h: 2-element chunks, 25 of 32 lanes, 14 warps, 2 chunks a thread
+@pytest.mark.parametrize("h", [90, 200, 896, 3584, 5120])
 def test_norms(emulated, dtype, h):
     rng = np.random.default_rng(SEED + h)
     for t in (1, 5):

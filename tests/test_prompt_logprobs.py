@@ -6,7 +6,6 @@ vLLM's `prompt_logprobs` list, and echo + logprobs covering the prompt first, st
 """
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -128,7 +127,8 @@ def test_sampling_params_checks_prompt_logprobs(bad):
 # through the server
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    yield from serve_demo(tmp_path_factory, ["--served-model-name", "demo", "--max-model-len", "512", "--max-num-batched-tokens", "8"])
+    yield from serve_demo(tmp_path_factory, ["--served-model-name", "demo", "--max-model-len", "512",
+                                             "--max-num-batched-tokens", "8"])
 
 
 @pytest.fixture(scope="module")

@@ -130,7 +130,7 @@ def test_full_waiting_queue_answers_503_with_retry_after(limited):
     ok = [r for r in results if r[0] == 200]
     refused = [r for r in results if r[0] == 503]
     assert len(ok) + len(refused) == 40 and len(ok) >= 8 and refused, [r[0] for r in results]
-    for status, retry_after, raw, _ in refused:
+    for _, retry_after, raw, _ in refused:
         assert retry_after == "1" and "overloaded" in error_of(503, raw)["message"]
     assert all(json.loads(raw)["usage"]["completion_tokens"] == 24 for _, _, raw, _ in ok)
     print(f"40 concurrent requests: {len(ok)} served, {len(refused)} refused with 503; "

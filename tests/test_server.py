@@ -257,7 +257,8 @@ def test_completion_stream_equals_non_stream(server, client, rng):
     assert all(e["id"] == chunks[0]["id"] and e["object"] == "text_completion" for e in events)
     # sampling may draw EOS before max_tokens: the stream must end the way the whole response did
     assert whole.choices[0].finish_reason in ("length", "stop")
-    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + [whole.choices[0].finish_reason]
+    assert ([c["choices"][0]["finish_reason"] for c in chunks]
+            == [None] * (len(chunks) - 1) + [whole.choices[0].finish_reason])
     assert "".join(c["choices"][0]["text"] for c in chunks) == whole.choices[0].text
     assert last["choices"] == [] and last["usage"]["completion_tokens"] == whole.usage.completion_tokens
     assert last["usage"]["prompt_tokens"] == whole.usage.prompt_tokens

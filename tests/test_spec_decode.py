@@ -173,7 +173,8 @@ def test_oracle_proposer_accepts_at_its_rate(checkpoint, acceptance):
     assert [len(o.outputs[0].token_ids) for o in outs] == [120, 120]
     stats = spec.spec_stats
     expected = sum(acceptance ** j for j in range(1, k + 1)) / k
-    print(f"a={acceptance}: {stats.num_drafts} verifies, acceptance {stats.acceptance_rate:.3f} (expected {expected:.3f})")
+    print(f"a={acceptance}: {stats.num_drafts} verifies, acceptance {stats.acceptance_rate:.3f} "
+          f"(expected {expected:.3f})")
     assert stats.num_drafts >= 40
     assert abs(stats.acceptance_rate - expected) < 0.1
     _no_leaks(spec)

@@ -171,7 +171,8 @@ def test_raise_exception_surfaces_the_message(tok):
 def test_sandbox_escapes_are_refused(tok, tmp_path, template):
     marker = tmp_path / "escaped"
     with pytest.raises(ChatTemplateError, match="unsafe"):
-        tok.apply_chat_template([{"role": "user", "content": "x"}], chat_template=template.replace("{marker}", str(marker)))
+        tok.apply_chat_template([{"role": "user", "content": "x"}],
+                                chat_template=template.replace("{marker}", str(marker)))
     assert not marker.exists()
 
 

@@ -122,7 +122,8 @@ def test_auto_parses_the_models_own_tool_call_format(client):
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris", "days": 2}
     streamed, content, finish = _assembled(client.chat.completions.create(**common, stream=True))
     assert finish == "tool_calls" and content == ""
-    assert [(c["name"], json.loads(c["arguments"])) for c in streamed] == [("get_weather", {"city": "Paris", "days": 2})]
+    assert ([(c["name"], json.loads(c["arguments"])) for c in streamed]
+            == [("get_weather", {"city": "Paris", "days": 2})])
     plain = client.chat.completions.create(**{**common, "tool_choice": "none"})  # none: the text stays content
     assert plain.choices[0].message.content == HERMES and not plain.choices[0].message.tool_calls
 

@@ -16,8 +16,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from api.tool_parsers import (PARSERS, HermesToolParser, Llama3JsonToolParser, MistralToolParser, get_parser,
-                              parse_named_output, parse_required_output, tool_call_schema)
+from api.tool_parsers import (
+    PARSERS,
+    HermesToolParser,
+    Llama3JsonToolParser,
+    MistralToolParser,
+    get_parser,
+    parse_named_output,
+    parse_required_output,
+    tool_call_schema,
+)
 
 try:
     import jsonschema

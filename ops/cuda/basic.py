@@ -64,7 +64,7 @@ def embedding(ids, table, out) -> None:
     _check("table", table, 2)
     _check("out", out, 2)
     _same("out", out, "table", table, (ids.shape[0], table.shape[1]))
-    n_vec = _whole_vectors("table", table)
+    _whole_vectors("table", table)  # raises where a row is not whole 16-byte vectors
     if ids.shape[0] == 0:
         return
     jit_ops.embedding(ids, table, out)

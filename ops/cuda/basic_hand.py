@@ -51,7 +51,8 @@ def norm_launch(num_rows: int, n_vec: int, threads: int = NORM_THREADS):
     if vpt is None:
         raise ValueError(f"rms_norm: hidden size {n_vec * VEC // 2} is over the supported "
                          f"{NORM_VPT[-1] * threads * VEC // 2}")
-    block = -(-(-(-n_vec // vpt)) // 32) * 32  # ceil(n_vec / vpt) rounded up to whole warps
+    used = -(-n_vec // vpt)  # ceil(n_vec / vpt): threads that hold a part of the row
+    block = -(-used // 32) * 32  # rounded up to whole warps
     return (num_rows,), (block,), vpt
 
 

@@ -29,7 +29,8 @@ def gemv_fp8(x, weight: Fp8Weight, bias, out, rows: int = 2) -> None:
                          f"{weight.codes.shape}")
     if k % 16 or x.strides[1] != x.itemsize or x.strides[0] % 16 or x.data.ptr % 16:
         raise ValueError(f"gemv_fp8: K ({k}) must be a multiple of 16 and x's rows contiguous and 16-byte aligned")
-    if out.shape != (t, n) or out.dtype != x.dtype or (bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype)):
+    if (out.shape != (t, n) or out.dtype != x.dtype
+            or (bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype))):
         raise ValueError(f"gemv_fp8: out must be [{t}, {n}] and bias [{n}] in {x.dtype}, got {out.shape} {out.dtype}"
                          f"{'' if bias is None else f', bias {bias.shape} {bias.dtype}'}")
     if rows not in ROWS:

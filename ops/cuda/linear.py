@@ -15,8 +15,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ops import autotune, jit_ops, quant
-from ops.cuda.gemv import gemv_fp8
 from ops.cublaslt import MAX_ALIGNMENT, CublasLt, CublasLtError, Plan, PlanKey, pointer_alignment
+from ops.cuda.gemv import gemv_fp8
 from ops.quant import Fp8Activation, Fp8Weight
 from ops.storage import HALF_NAMES as _DTYPE_NAMES  # storage -> "float16" / "bfloat16" (bf16 travels as uint16 bits)
 

@@ -10,5 +10,24 @@ lowered to CUDA C and compiled by NVRTC (disk-cached). See docs/jit.md.
 from ops.jit.autotune import autotune  # noqa: F401
 from ops.jit.core import Launch, PallasCall, kernel_cache, pallas_call, record, set_kernel_cache  # noqa: F401
 from ops.jit.dtypes import bfloat16, bool_, float8_e4m3, float16, float32, int32  # noqa: F401
-from ops.jit.trace import (BlockSpec, abs, dim, exp, iota, log, max, maximum, mean, min, minimum,  # noqa: F401
-                           num_programs, program_id, rsqrt, sigmoid, sqrt, sum, tanh, where)
+from ops.jit.trace import (  # noqa: F401
+    BlockSpec,
+    abs,
+    dim,
+    exp,
+    iota,
+    log,
+    max,
+    maximum,
+    mean,
+    min,
+    minimum,
+    num_programs,
+    program_id,
+    rsqrt,
+    sigmoid,
+    sqrt,
+    sum,
+    tanh,
+    where,
+)

@@ -89,7 +89,8 @@ class PallasCall:
                     for a, t, full in zip(arrays[npf:], types[npf:], self._full_width))
         scalar_types = tuple((k, dtypes.float32 if isinstance(v, float) else dtypes.int32)
                              for k, v in sorted(scalars.items()))
-        key = (self._static_key, tuple(t.name for t in types), tuple(a.ndim for a in arrays), vec, scalar_types, grid_rank)
+        key = (self._static_key, tuple(t.name for t in types), tuple(a.ndim for a in arrays), vec, scalar_types,
+               grid_rank)
         hit = _TRACES.get(key)
         if hit is None:
             hit = _TRACES[key] = self._trace(arrays, types, vec, scalar_types, grid_rank, self.tile)

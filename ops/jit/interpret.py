@@ -12,7 +12,8 @@ from ops.jit.ir import KernelIR, Node
 
 _UNARY = {
     "neg": np.negative, "exp": np.exp, "log": np.log, "sqrt": np.sqrt, "tanh": np.tanh, "abs": np.abs,
-    "rsqrt": lambda x: np.float32(1.0) / np.sqrt(x), "sigmoid": lambda x: np.float32(1.0) / (np.float32(1.0) + np.exp(-x)),
+    "rsqrt": lambda x: np.float32(1.0) / np.sqrt(x),
+    "sigmoid": lambda x: np.float32(1.0) / (np.float32(1.0) + np.exp(-x)),
     "not": np.logical_not,
 }
 _BINARY = {

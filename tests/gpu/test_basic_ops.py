@@ -4,10 +4,9 @@ Fresh random inputs (seed printed), outputs poisoned with NaN first, an explicit
 """
 from __future__ import annotations
 
+import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 import numpy as np
 import pytest
-
-import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 
 from engine.config import RopeScaling
 from ops import reference

@@ -6,8 +6,6 @@ import copy
 
 import numpy as np
 import pytest
-
-
 import torch  # the reference only
 
 from engine.config import EngineConfig

@@ -4,15 +4,14 @@ scales, and the float32 fallback) against numpy on the same E4M3 codes, inside a
 with FP8 weights) against the numpy backend's FP8 cache, prefill and decode, graphs and prefix-cache hits included."""
 from __future__ import annotations
 
+import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 import numpy as np
 import pytest
-
-import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from engine.scheduler import SchedulerOutput, ScheduledSeq
+from engine.scheduler import ScheduledSeq, SchedulerOutput
 from engine.sequence import Sequence
 from ops import jit_ops, quant
 from ops.cuda import to_float32

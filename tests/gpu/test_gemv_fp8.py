@@ -2,10 +2,9 @@
 rows-per-warp variant, ragged row counts, with and without bias."""
 from __future__ import annotations
 
+import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 import numpy as np
 import pytest
-
-import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 
 from ops import jit_ops, quant
 from ops.cuda import to_float32

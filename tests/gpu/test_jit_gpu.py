@@ -11,10 +11,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 import numpy as np
 import pytest
-
-import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 
 from ops import jit_ops, reference
 from ops.jit import dtypes

@@ -5,13 +5,11 @@ from __future__ import annotations
 import ctypes
 import json
 
+import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 import numpy as np
 import pytest
 
-import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
-
 from ops import autotune, cublaslt
-
 from ops.cuda.linear import Linear
 
 MODELS = {  # hidden, query heads, kv heads, head dim, intermediate, vocab, qkv bias

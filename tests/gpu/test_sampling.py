@@ -5,10 +5,9 @@ top-N within 1e-4, a CUDA graph replayed after load(), the scratch buffer left a
 """
 from __future__ import annotations
 
+import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 import numpy as np
 import pytest
-
-import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 
 import ops.sampling as oracle
 from engine.sampling_params import SamplingParams

@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import pytest
 
-
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from tests.test_spec_decode import (NGRAM, PARAM_IDS, PARAMS, SELF_DRAFT, KnownContinuation, _no_leaks,
-                                    _outputs, _prompts)
+from tests.test_spec_decode import (
+    NGRAM,
+    PARAM_IDS,
+    PARAMS,
+    SELF_DRAFT,
+    KnownContinuation,
+    _no_leaks,
+    _outputs,
+    _prompts,
+)
 
 
 def _gpu_engines(path):
@@ -31,7 +38,8 @@ def test_gpu_output_identical_with_and_without_speculation(checkpoint, rng, para
         spec.enable_speculation(spec.spec, spec.proposer)
         got = _outputs(spec, prompts, params)
         stats = spec.spec_stats
-        print(f"known continuation, {rate:.0%} right: {stats.num_drafts} drafts, acceptance {stats.acceptance_rate:.2f}")
+        print(f"known continuation, {rate:.0%} right: {stats.num_drafts} drafts, "
+              f"acceptance {stats.acceptance_rate:.2f}")
         assert [t for t, _ in got] == [t for t, _ in want]
         if rate == 1.0:
             assert stats.acceptance_rate > 0.9

@@ -8,10 +8,9 @@ after a masked load and then after an unmasked one masks exactly the first time.
 """
 from __future__ import annotations
 
+import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 import numpy as np
 import pytest
-
-import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 
 import ops.sampling as oracle
 from engine.sampling_params import SamplingParams

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 import numpy as np
 import pytest
-
-import cupy as cp  # tests/gpu/conftest.py collects these files only where a GPU is
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
