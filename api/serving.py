@@ -21,10 +21,11 @@ from api.protocol import APIError, ChatRequest, CompletionRequest, make_sampling
 from engine.errors import EngineDeadError, RequestFailedError
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.tokenizer import GIL_FREE_CHARS
 
 logger = logging.getLogger(__name__)
 
-LONG_TEXT_CHARS = 16384  # texts at least this long are tokenized off the event loop
+LONG_TEXT_CHARS = GIL_FREE_CHARS  # texts at least this long are tokenized off the event loop, without the GIL
 # Sequences allowed to wait for a place in the batch before new requests get 503 (--max-waiting-requests).
 # A waiting sequence costs its prompt's ids (~40 bytes a token as Python ints) and a few KB besides.
 DEFAULT_MAX_WAITING = 4096

@@ -431,8 +431,11 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": [7] * MAX_MODEL_LEN, "max_tokens": None},
      f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, your request has "
      f"{MAX_MODEL_LEN} input tokens."),
-    ("/v1/completions", {"prompt": "word " * 4000, "max_tokens": 4},  # long enough to tokenize off the loop
+    ("/v1/completions", {"prompt": "word " * 2400, "max_tokens": 4},  # long enough to tokenize off the loop
      f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you requested"),
+    ("/v1/completions", {"prompt": "word " * 4000, "max_tokens": 4},  # too long by its length alone
+     f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, your prompt of 20000 characters "
+     "has at least"),
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, "'suffix' is not supported yet"),
     ("/v1/chat/completions", {}, "'messages' must be a non-empty list"),
     ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
