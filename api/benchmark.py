@@ -136,7 +136,7 @@ def resource_figures(engine, cold_start: float | None) -> dict:
         out["cold_start_first_token_s"] = cold_start
     out["weights_gib"] = round(engine.runner.model.weight_bytes() / 2**30, 3)
     out["kv_blocks"] = engine.runner.num_blocks
-    if engine.backend.name == "cuda":
+    if engine.backend.has_device_memory:
         free, total = engine.backend.memory_info()
         out["gpu_memory_mib"] = round((total - free) / 2**20, 1)
     return out
@@ -263,7 +263,7 @@ def _w8a16(args) -> dict:
 
 
 def record(rows: list[dict], args: argparse.Namespace, engine) -> None:
-    card = engine.backend.device_name() if engine.backend.name == "cuda" else "cpu"
+    card = engine.backend.device_name() if engine.backend.has_device_memory else "cpu"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     bench = "spec_benchmark" if args.spec_acceptance is not None else \
         "structured_benchmark" if args.structured else "engine_benchmark"

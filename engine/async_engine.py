@@ -11,7 +11,6 @@ import queue
 import threading
 from typing import AsyncIterator
 
-from engine.config import EngineConfig
 from engine.errors import EngineDeadError, EngineStepError, RequestFailedError
 from engine.llm_engine import EngineStats, LLMEngine
 from engine.outputs import RequestOutput
@@ -41,10 +40,6 @@ class AsyncLLMEngine:
         self._failures_in_a_row = 0
         self._thread.start()
 
-    @classmethod
-    def from_config(cls, config: EngineConfig) -> "AsyncLLMEngine":
-        return cls(LLMEngine(config))
-
     @property
     def is_dead(self) -> bool:
         return self.dead_error is not None
@@ -58,11 +53,6 @@ class AsyncLLMEngine:
     def stats(self) -> EngineStats:
         """The engine-state snapshot /metrics reads (LLMEngine.stats), taken from the event loop without a lock."""
         return self.engine.stats()
-
-    @property
-    def num_streams(self) -> int:
-        """Requests with a live output stream (waiting, running, or finishing)."""
-        return len(self._streams)
 
     async def generate(self, request_id: str, prompt: str | list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:

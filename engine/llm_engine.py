@@ -5,6 +5,7 @@ the model runner and engine/outputs.py.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import threading
@@ -71,6 +72,7 @@ class Request:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
+        config = copy.deepcopy(config)  # the engine fills in what the caller left open (model, max_model_len)
         if not config.model:
             from engine.demo import demo_model_dir
             config.model = demo_model_dir()

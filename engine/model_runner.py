@@ -81,7 +81,7 @@ class ModelRunner:
         self.prompt_logprobs: list[PromptLogprobs] = []  # what the last execute computed (LLMEngine collects it)
         self.graphs = self.verify_graphs = None
         self._last_sampled = None  # numpy backend: the ids of its last deferred step
-        if backend.name == "cuda" and not engine_config.enforce_eager:
+        if backend.captures_graphs and not engine_config.enforce_eager:
             from graphs.manager import DecodeGraphs, capture_sizes
             t0 = time.perf_counter()
             backend.prepare_decode(model_config, capture_sizes(engine_config.scheduler.max_num_seqs),
@@ -104,7 +104,7 @@ class ModelRunner:
                 self.stage_times["graph capture"] += self.verify_graphs.capture_seconds
 
     def _auto_num_blocks(self, cfg: EngineConfig) -> int:
-        if self.backend.name != "cuda":
+        if not self.backend.has_device_memory:
             # On the CPU there is no memory to measure: room for up to 64 sequences at full length.
             s = cfg.scheduler
             return min(s.max_num_seqs, 64) * -(-s.max_model_len // self.block_size)
@@ -154,7 +154,7 @@ class ModelRunner:
         logprobs to compute (a one-token prefill chunk): it runs eagerly."""
         if any(s.num_tokens != 1 for s in sched.scheduled) or self._prompt_logprob_spans(sched):
             return False
-        return self.backend.name == "numpy" or self._replays(len(sched.scheduled), 1)
+        return self.backend.host_results or self._replays(len(sched.scheduled), 1)
 
     def _replays(self, num_seqs: int, max_query_len: int) -> bool:
         """Whether a step of this shape replays a decode graph (else it runs eagerly)."""
@@ -205,7 +205,7 @@ class ModelRunner:
         if late_mask is not None:
             sampling = replace(sampling, token_mask=late_mask())
         out = b.sample(logits, sampling)
-        if defer and b.name == "numpy" and meta.max_query_len == 1 and sampling.ids_only:
+        if defer and b.host_results and meta.max_query_len == 1 and sampling.ids_only:
             self._last_sampled = out.token_ids
             return DeferredSample(lambda: out)
         return out

@@ -20,6 +20,10 @@ class NumpyBackend:
 
     name = "numpy"
     xp = np
+    # What the model runner asks of a backend, instead of its name:
+    captures_graphs = False  # decode steps can be captured as CUDA graphs (graphs/manager.py)
+    host_results = True  # arrays live on the host: a step's sampled ids are known when it returns
+    has_device_memory = False  # the KV cache is sized from free device memory (engine/memory.py)
 
     def __init__(self, dtype: str = "float32"):
         # The numpy backend always computes in float32; `dtype` is what the user asked for.

@@ -16,7 +16,3 @@ class AttentionMetadata:
     slot_mapping: Any  # int32[T]: cache slot of each token, -1 = padding (not written)
     max_query_len: int
     max_seq_len: int
-
-    @property
-    def is_decode(self) -> bool:
-        return self.max_query_len == 1

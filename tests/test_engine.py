@@ -203,6 +203,13 @@ def test_sliding_window_is_read_as_transformers_reads_it(arch, fields, window, l
     assert c.all_layers_slide == (len(layers) == 4)
 
 
+def test_the_engine_leaves_the_callers_config_as_it_was():
+    config = EngineConfig(device="numpy")
+    engine = LLMEngine(config)
+    assert config.model == "" and config.max_model_len is None and config.scheduler.max_model_len == 4096
+    assert engine.config.model and engine.max_model_len == engine.model_config.max_position_embeddings
+
+
 def test_missing_config_field_and_file(tmp_path):
     raw = _config()
     del raw["intermediate_size"]

@@ -21,6 +21,7 @@ from ops.storage import STORAGE, bf16_bits_to_float32, float32_to_bf16_bits
 class CudaBackend:
     name = "cuda"
     xp = cp
+    captures_graphs, host_results, has_device_memory = True, False, True  # see ops.backend.NumpyBackend
 
     def __init__(self, dtype: str = "float16"):
         if dtype not in ("float16", "bfloat16"):
