@@ -20,7 +20,7 @@ from api.metrics import Metrics
 from api.protocol import APIError, ChatRequest, CompletionRequest, make_sampling_params
 from engine.errors import EngineDeadError, RequestFailedError
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, check_token_ids
 from engine.tokenizer import GIL_FREE_CHARS
 
 logger = logging.getLogger(__name__)
@@ -379,9 +379,12 @@ class OpenAIServing:
                 logger.info("request %s-%d: prompt %r, params %s", request_id, i, prompt, p)
 
     def _check_ids(self, ids: list[int], param: str) -> list[int]:
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise APIError(f"token ids in '{param}' must be in [0, {self.vocab_size}); got {bad[:5]}", param=param)
+        """Ids to detokenize or echo; a prompt's ids and the params' are checked by the engine when it adds the
+        request (a ValueError there is this 400 too, before any byte is sent)."""
+        try:
+            check_token_ids(ids, self.vocab_size, param)
+        except ValueError as e:
+            raise APIError(str(e), param=param) from None
         return ids
 
     def _check_prompt_length(self, text: str) -> None:
@@ -408,12 +411,8 @@ class OpenAIServing:
         return requested
 
     def _params(self, sampling: dict, num_prompt: int, requested: int | None) -> SamplingParams:
-        params = make_sampling_params({**sampling, "max_tokens": self._max_tokens(num_prompt, requested)})
-        try:
-            params.validate_against_vocab(self.vocab_size)
-        except ValueError as e:
-            raise APIError(str(e)) from None
-        return params
+        # stop_token_ids and logit_bias against the vocabulary: the engine, when it adds the request
+        return make_sampling_params({**sampling, "max_tokens": self._max_tokens(num_prompt, requested)})
 
     async def completion(self, req: CompletionRequest) -> CompletionJob:
         self.check_model(req.model)
@@ -425,7 +424,7 @@ class OpenAIServing:
                 self._check_prompt_length(p)
                 prompts.append(await self.encode(p, add_special_tokens=True))
             else:
-                prompts.append(self._check_ids(p, "prompt"))
+                prompts.append(p)  # its ids are checked by the engine as it adds the request
                 texts.append(self.tokenizer.decode(p, skip_special_tokens=False) if req.echo else "")
             if not prompts[-1]:
                 raise APIError("the prompt is empty: give at least one token", param="prompt")

@@ -20,7 +20,7 @@ from engine.errors import EngineStepError, FatalEngineError
 from engine.loader import CheckpointWeights, DummyWeights, resolve_model_path
 from engine.model_runner import ModelRunner
 from engine.outputs import PromptLogprob, RequestOutput, SequenceOutputState
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, check_token_ids
 from engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from engine.sequence import Sequence
 from engine.spec_decode import AcceptanceGate, GreedyDraftProposer, NgramProposer, SpecDecodeStats
@@ -164,10 +164,7 @@ class LLMEngine:
     def _validate_prompt(self, ids: list[int]) -> None:
         if not ids:
             raise ValueError("the prompt is empty: give at least one token")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not isinstance(t, (int, np.integer)) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
+        check_token_ids(ids, self.model_config.vocab_size, "prompt")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"The decoder prompt (length {len(ids)}) is longer than the maximum model length "
                              f"of {self.max_model_len}. Make sure that `max_model_len` is no smaller than the "

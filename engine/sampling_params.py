@@ -209,6 +209,12 @@ class SamplingParams:
     def validate_against_vocab(self, vocab_size: int) -> None:
         """The checks that need the model: every token id named by the request must exist."""
         for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias or ())):
-            bad = [token_id for token_id in ids if token_id >= vocab_size]
-            if bad:
-                raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab_size}): {bad[:8]}")
+            check_token_ids(ids, vocab_size, name)
+
+
+def check_token_ids(ids, vocab_size: int, what: str) -> None:
+    """The one check of token ids from a request (prompt ids, stop_token_ids, logit_bias, ids to detokenize): integers
+    in [0, vocab_size), else a ValueError naming `what` and the first offenders."""
+    bad = [t for t in ids if not isinstance(t, numbers.Integral) or not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"token ids in '{what}' must be in [0, {vocab_size}); got {bad[:8]} (outside the vocabulary)")

@@ -116,8 +116,8 @@ def test_abort_returns_blocks(engine):
 
 @pytest.mark.parametrize("prompt, params, message", [
     ([], SamplingParams(), "prompt is empty"),
-    ([5, 10 ** 6], SamplingParams(), "prompt token ids must be integers in [0,"),
-    ([-1], SamplingParams(), "prompt token ids must be integers in [0,"),
+    ([5, 10 ** 6], SamplingParams(), "token ids in 'prompt' must be in [0,"),
+    ([-1], SamplingParams(), "token ids in 'prompt' must be in [0,"),
     ([1] * 600, SamplingParams(), "longer than the maximum model length of 512"),
     ([1, 2], SamplingParams(logit_bias={10 ** 6: 1.0}), "logit_bias"),
     ([1, 2], SamplingParams(stop_token_ids=[10 ** 6]), "stop_token_ids"),

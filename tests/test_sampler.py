@@ -322,7 +322,7 @@ def test_sampling_params_normalizes_and_checks_vocab():
     assert (from_numpy.temperature, from_numpy.top_k, from_numpy.logprobs) == (0.5, 3, 2)
     assert type(from_numpy.top_k) is int and type(from_numpy.temperature) is float
     p.validate_against_vocab(8)
-    with pytest.raises(ValueError, match=r"stop_token_ids has token ids outside the vocabulary \[0, 7\): \[7\]"):
+    with pytest.raises(ValueError, match=r"token ids in 'stop_token_ids' must be in \[0, 7\); got \[7\]"):
         p.validate_against_vocab(7)
-    with pytest.raises(ValueError, match=r"logit_bias has token ids outside the vocabulary \[0, 3\): \[3\]"):
+    with pytest.raises(ValueError, match=r"token ids in 'logit_bias' must be in \[0, 3\); got \[3\]"):
         SamplingParams(logit_bias={3: 1}).validate_against_vocab(3)
