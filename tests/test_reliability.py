@@ -95,7 +95,8 @@ LIMITS = [
      "This request asks for 9 sequences (3 prompts x n=3); the server accepts at most 8 in one request."),
     ({"prompt": [-1]}, 400, "token ids in 'prompt' must be in [0, 1024); got [-1]"),
     ({"prompt": [1024]}, 400, "token ids in 'prompt' must be in [0, 1024); got [1024]"),
-    ({"prompt": "x", "logit_bias": {"1024": 1}}, 400, "token ids in 'logit_bias' must be in [0, 1024); got [1024] (outside the vocabulary)"),
+    ({"prompt": "x", "logit_bias": {"1024": 1}}, 400,
+     "token ids in 'logit_bias' must be in [0, 1024); got [1024] (outside the vocabulary)"),
 ]
 
 
