@@ -299,19 +299,27 @@ def _scaled(x: np.ndarray, peak: np.ndarray, temperature: np.ndarray) -> np.ndar
     return s
 
 
+def log_min_p(min_p: np.ndarray) -> np.ndarray:
+    """min-p as the samplers use it, numpy's and the CUDA kernel's alike: p_j >= min_p * p_max <=> s_j >= log(min_p)
+    (s: logits over temperature, less the peak), float32; -inf where min-p is off (0)."""
+    with np.errstate(divide="ignore"):
+        out = np.log(np.where(min_p > 0, min_p, 1)).astype(np.float32)
+    out[min_p <= 0] = -np.inf
+    return out
+
+
 def _sample_rows(x, temperature, top_k, top_p, min_p, seeds, steps) -> np.ndarray:
     """Exponential race over each row's kept set {j : s_j >= tau}; x: float32[R, V] processed logits."""
     rows, vocab_size = x.shape
     peak = x.max(axis=1)
     top_k = np.where(top_k < vocab_size, top_k, 0).astype(np.int64)
-    log_min_p = np.log(np.where(min_p > 0, min_p, 1)).astype(np.float32)
-    log_min_p[min_p <= 0] = -np.inf  # min-p: p_j >= min_p * p_max  <=>  s_j >= log(min_p)
-    tau = log_min_p.copy()
+    log_min_ps = log_min_p(min_p)
+    tau = log_min_ps.copy()
     token_ids = np.empty(rows, np.int64)
     dense = np.ones(rows, bool)
     cut = np.flatnonzero((top_k > 0) | (top_p < 1) | (min_p > 0))
     for part, ids, cand_s, part_tau, complete in _cut(x, cut, peak[cut], temperature[cut], top_k[cut],
-                                                      top_p[cut], log_min_p[cut]):
+                                                      top_p[cut], log_min_ps[cut]):
         r = cut[part]
         tau[r] = part_tau
         keep = cand_s >= part_tau[:, None]

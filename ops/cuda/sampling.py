@@ -18,7 +18,7 @@ import cupy as cp
 import numpy as np
 
 from ops.cuda.compile import cuda_type, get_kernel
-from ops.sampling import SamplerOutput, SamplingTensors
+from ops.sampling import SamplerOutput, SamplingTensors, log_min_p
 
 # Mirrors of sampling.cu's constants: the kernel's shared-memory layout and parameter buffer depend on them.
 THREADS = 1024
@@ -143,13 +143,10 @@ class SamplingBuffers:
 
 
 def _fill_rows(rows: np.ndarray, t: SamplingTensors, vocab_size: int) -> None:
-    """RowParams of every row, derived exactly as ops/sampling.py derives them (log_min_p in numpy's float32)."""
+    """RowParams of every row, derived exactly as ops/sampling.py derives them (one log_min_p for both)."""
     rows["temperature"] = t.temperature
     rows["top_p"] = t.top_p
-    with np.errstate(divide="ignore"):
-        log_min_p = np.log(np.where(t.min_p > 0, t.min_p, 1)).astype(np.float32)
-    log_min_p[t.min_p <= 0] = -np.inf
-    rows["log_min_p"] = log_min_p
+    rows["log_min_p"] = log_min_p(t.min_p)
     rows["repetition"] = t.repetition_penalty
     rows["frequency"] = t.frequency_penalty
     rows["presence"] = t.presence_penalty
