@@ -26,7 +26,7 @@ from engine.sequence import Sequence
 from engine.spec_decode import AcceptanceGate, GreedyDraftProposer, NgramProposer, SpecDecodeStats
 from engine.tokenizer import Tokenizer
 from ops.backend import get_backend
-from ops.sampling import DeferredSample, SamplingTensors
+from ops.sampling_types import DeferredSample, SamplingTensors
 
 logger = logging.getLogger(__name__)
 

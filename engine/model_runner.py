@@ -20,7 +20,7 @@ from engine.scheduler import ScheduledSeq, SchedulerOutput
 from engine.sequence import Sequence
 from ops.backend import merging
 from ops.metadata import AttentionMetadata
-from ops.sampling import DeferredSample, SamplerOutput, SamplingTensors
+from ops.sampling_types import DeferredSample, SamplerOutput, SamplingTensors
 
 logger = logging.getLogger(__name__)
 

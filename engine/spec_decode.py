@@ -117,7 +117,7 @@ class GreedyDraftProposer:
         """One draft forward over the scheduled spans; each sequence's greedy next token appended to its tokens."""
         from engine.sampling_params import SamplingParams
         from engine.scheduler import SchedulerOutput
-        from ops.sampling import SamplingTensors
+        from ops.sampling_types import SamplingTensors
 
         runner, model = self.runner, self.model
         b = runner.backend

@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ops.metadata import AttentionMetadata
-from ops.sampling import DeferredSample, SamplerOutput, SamplingTensors
+from ops.sampling_types import DeferredSample, SamplerOutput, SamplingTensors
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from engine.sampling_params import SamplingParams
-from ops.sampling import SamplingTensors, apply_penalties, sample
+from ops.sampling import apply_penalties, sample
+from ops.sampling_types import SamplingTensors
 
 VOCABS = {"32k": 32000, "152k": 152064}  # Llama-2 / Mistral, Qwen2.5
 BATCHES = (1, 64)

@@ -17,7 +17,7 @@ import numpy as np
 
 from engine.sampling_params import SamplingParams
 from ops.cuda import sampling as gpu
-from ops.sampling import SamplingTensors
+from ops.sampling_types import SamplingTensors
 
 from cuda_timing import time_eager, time_graph
 

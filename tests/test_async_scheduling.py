@@ -9,7 +9,7 @@ import pytest
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from ops.sampling import DeferredSample
+from ops.sampling_types import DeferredSample
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog near the old river bank.",
            "Once upon a time there was a lighthouse",

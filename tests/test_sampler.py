@@ -13,7 +13,8 @@ from scipy.stats import chi2_contingency, chisquare
 import ops.sampling as sampling
 from engine.sampling_params import SamplingParams
 from ops.philox import philox4x64, philox_row_words, philox_words
-from ops.sampling import SamplingTensors, apply_logit_bias, apply_penalties, sample
+from ops.sampling import apply_logit_bias, apply_penalties, sample
+from ops.sampling_types import SamplingTensors
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams, StructuredOutputs
 from engine.structured import GrammarError
-from ops.sampling import SamplingTensors, apply_token_mask, sample
+from ops.sampling import apply_token_mask, sample
+from ops.sampling_types import SamplingTensors
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
           "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"type": "integer", "minimum": 0},

@@ -23,7 +23,8 @@ import pytest
 
 from engine.sampling_params import SamplingParams
 from ops.kernel_source import KERNEL_DIR, kernel_source
-from ops.sampling import SamplingTensors, apply_token_mask
+from ops.sampling import apply_token_mask
+from ops.sampling_types import SamplingTensors
 from tests import host_cuda
 
 NVCC = shutil.which("nvcc") or shutil.which("nvcc", path="/usr/local/cuda/bin")

@@ -18,7 +18,7 @@ import cupy as cp
 import numpy as np
 
 from ops.cuda.compile import cuda_type, get_kernel
-from ops.sampling import SamplerOutput, SamplingTensors, log_min_p
+from ops.sampling_types import SamplerOutput, SamplingTensors, log_min_p
 
 # Mirrors of sampling.cu's constants: the kernel's shared-memory layout and parameter buffer depend on them.
 THREADS = 1024

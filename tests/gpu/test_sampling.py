@@ -14,7 +14,7 @@ from engine.sampling_params import SamplingParams
 from ops.cuda import sampling as gpu
 from ops.cuda import to_storage
 from ops.philox import neg_exponentials, philox_words
-from ops.sampling import SamplingTensors
+from ops.sampling_types import SamplingTensors
 
 VOCABS = {"qwen2.5-7b": 152064, "llama-3-8b": 128256}
 BATCHES = (1, 64)

@@ -16,7 +16,7 @@ import ops.sampling as oracle
 from engine.sampling_params import SamplingParams
 from ops.cuda import sampling as gpu
 from ops.cuda import to_float32, to_storage
-from ops.sampling import SamplingTensors
+from ops.sampling_types import SamplingTensors
 from tests.test_token_mask_cpu import random_mask  # the row kinds of the emulator's test
 
 VOCABS = (152064, 1003)
