@@ -60,10 +60,9 @@ class DecodeGraphs:
                  vocab_size: int, max_history: int = 32768, max_bias: int = 64, query_len: int = 1):
         import cupy as cp  # graphs exist on the CUDA backend only
 
-        from ops.cuda import sampling
         from ops.cuda.compile import get_kernel
         self.cp = cp
-        self._sampling = sampling
+        self.backend = model.backend  # samples as the eager path does, from fixed buffers
         self._unpack = get_kernel("step_inputs.cu", "unpack_step_inputs")
         self.model = model
         self.kv_caches = kv_caches
@@ -86,7 +85,7 @@ class DecodeGraphs:
         self.block_tables = cp.zeros((b, self.max_blocks), i32)
         self.sampled = cp.zeros(r, i32)  # every graph's sampled ids (a prefix); the next step's src reads it
         # Penalty history per row: prompt + output, so at most max_model_len ids.
-        self.sampling_buffers = sampling.SamplingBuffers(r, vocab_size, min(max_model_len, max_history), max_bias)
+        self.sampling_buffers = self.backend.sampling_buffers(r, vocab_size, min(max_model_len, max_history), max_bias)
         # Two pinned copies of `packed` and of `sampled`: the host fills one while the other may be in flight.
         self._staging = [_pinned(cp, self._words) for _ in range(2)]
         self._results = [_pinned(cp, r) for _ in range(2)]
@@ -112,7 +111,7 @@ class DecodeGraphs:
                       np.int32(self.max_blocks)))
         hidden = self.model.forward(self.input_ids[:t], self.positions[:t], self._meta(size), self.kv_caches)
         logits = self.model.compute_logits(hidden)
-        self._sampling.sample(logits, self.sampling_buffers, self.sampled[:t])
+        self.backend.sample_into(logits, self.sampling_buffers, self.sampled[:t])
         return logits
 
     def capture(self) -> None:
@@ -184,9 +183,9 @@ class DecodeGraphs:
             sampling = replace(sampling, token_mask=late_mask())
             if buffered:
                 self.sampling_buffers.load(sampling)
-                self._sampling.sample(self.logits[size][:n], self.sampling_buffers, self.sampled[:n])
+                self.backend.sample_into(self.logits[size][:n], self.sampling_buffers, self.sampled[:n])
         if not buffered:  # the eager sampler loads its own buffers, token mask included, and applies it
-            return self._sampling.sample(self.logits[size][:n], sampling)
+            return self.backend.sample(self.logits[size][:n], sampling)
         if not (defer and sampling.ids_only):
             return SamplerOutput(self.sampled[:n].get(stream), None, None, None)
         slot, self._result_slot = self._result_slot, self._result_slot ^ 1

@@ -146,6 +146,14 @@ class CudaBackend:
     def sample(self, logits, sampling_tensors):
         return _sampling.sample(logits, sampling_tensors)
 
+    # a decode graph's sampling (graphs/manager.py): parameters loaded into fixed buffers, ids written on the device
+    def sampling_buffers(self, max_batch: int, vocab_size: int, max_history: int, max_bias: int):
+        return _sampling.SamplingBuffers(max_batch, vocab_size, max_history, max_bias)
+
+    def sample_into(self, logits, buffers, out_ids) -> None:
+        """Sample with the parameters loaded into `buffers` (their token mask first), ids to out_ids; no sync."""
+        _sampling.sample(logits, buffers, out_ids)
+
 
 def _cache_parts(cache):
     """(codes, scale [Hkv]) of an Fp8Cache, (array, None) of an fp16/bf16 cache."""
