@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 HISTORY = Path(__file__).resolve().parent.parent / "perf" / "history.jsonl"
 # --structured: a JSON schema every request follows, that no output of --output-len tokens can complete (so every
@@ -229,6 +230,8 @@ def measure(engine, rng, vocab: int, n: int, input_len: int, output_len: int, pr
     for i, prompt in enumerate(prompts):
         engine.add_request(f"bench-{n}-{output_len}-{i}", prompt, params)
     steps, tokens, first_epoch = [], 0, None
+    # a bar on a terminal only (disable=None: none when stderr is not a TTY, as in CI logs)
+    bar = tqdm(total=n * output_len, desc=f"N={n}", unit="tok", disable=None, leave=False)
     while engine.has_unfinished_requests():
         t = time.perf_counter()
         outs = engine.step()
@@ -236,11 +239,14 @@ def measure(engine, rng, vocab: int, n: int, input_len: int, output_len: int, pr
         if outs and first_epoch is None:
             first_epoch = time.time()
         for out in outs:
-            tokens += sum(len(o.token_ids) for o in out.outputs)
+            new = sum(len(o.token_ids) for o in out.outputs)
+            tokens += new
+            bar.update(new)
             first_token.setdefault(out.request_id, now)
         if len(first_token) == n:  # every request has its first token: from here, decode steps only
             steps.append(now - t)
     wall = time.perf_counter() - start
+    bar.close()
     decode = np.array(steps[1:] or [0.0]) * 1e3  # the step that produced the last first token is a prefill
     ttft = np.array(list(first_token.values())) - start
     return dict(first_token_epoch=first_epoch, tok_s=round(tokens / wall, 1), output_tokens=tokens,
