@@ -108,9 +108,12 @@ def layer_ops(c: ModelConfig, fp8: bool = False, w8a16: bool = False) -> tuple[l
 
 
 class LlamaModel:
-    def __init__(self, config: ModelConfig, backend, max_positions: int):
+    def __init__(self, config: ModelConfig, backend, max_positions: int, tp=None):
+        """tp: an engine.parallel.TensorParallel (this rank's part of the model; `config` is its rank_config), or
+        None: the whole model."""
         self.config = config
         self.backend = backend
+        self.tp = tp
         self.layers: list[LayerWeights] = []
         self.embed = self.final_norm = self.lm_head = None
         # float32 on every backend: positions up to 128K need more than fp16's 11 bits of mantissa
@@ -125,7 +128,9 @@ class LlamaModel:
         c = self.config
         self.embed = fetch("model.embed_tokens.weight")
         self.final_norm = fetch("model.norm.weight")
-        self.lm_head = self.embed if c.tie_word_embeddings else fetch("lm_head.weight")
+        # tensor parallel: the embedding's last row is the zero row of ids other ranks hold (not a logit)
+        tied = self.embed[:-1] if self.tp is not None else self.embed
+        self.lm_head = tied if c.tie_word_embeddings else fetch("lm_head.weight")
         self.layers = []
         for i in range(c.num_hidden_layers):
             p = f"model.layers.{i}."
@@ -184,7 +189,12 @@ class LlamaModel:
         else:
             xin, attn_in, act = x, attn, b.empty((t, c.intermediate_size))
             norm, add_norm, silu = b.rms_norm, b.add_rms_norm, b.silu_and_mul
-        b.embedding(input_ids, self.embed, residual)
+        tp = self.tp
+        if tp is None:
+            b.embedding(input_ids, self.embed, residual)
+        else:  # each rank its vocabulary rows, zeros for the others' ids: the sum is every row
+            b.embedding(tp.local_ids(b.xp, input_ids, c.vocab_size), self.embed, residual)
+            tp.comm.all_reduce(residual)
         norm(residual, self.layers[0].input_norm, eps, xin)
         for i, layer in enumerate(self.layers[:num_layers]):
             k_cache, v_cache = kv_caches[i]
@@ -197,10 +207,14 @@ class LlamaModel:
             if fp8:
                 b.quantize_fp8(attn, attn_in)
             b.linear(attn_in, layer.o_proj, layer.o_bias, hidden)
+            if tp is not None:  # each rank's heads' share of o_proj: summed over the ranks
+                tp.comm.all_reduce(hidden)
             add_norm(hidden, residual, layer.post_norm, eps, xin)
             b.linear(xin, layer.gate_up, None, gate_up)
             silu(gate_up, act)
             b.linear(act, layer.down, None, hidden)
+            if tp is not None:
+                tp.comm.all_reduce(hidden)
         b.add_rms_norm(hidden, residual, self.final_norm, eps, x)  # lm_head stays in the model dtype
         return x
 
@@ -208,4 +222,4 @@ class LlamaModel:
         # hidden: [B, H] rows of the tokens that sample; logits: [B, V]
         logits = self.backend.empty((hidden.shape[0], self.config.vocab_size))
         self.backend.linear(hidden, self.lm_head, None, logits)
-        return logits
+        return logits if self.tp is None else self.tp.comm.all_gather(logits)  # each rank its vocabulary slice
