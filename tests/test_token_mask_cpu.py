@@ -10,6 +10,7 @@ tests/gpu/test_token_mask.py holds the real thing to numpy on a GPU.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import importlib.util
 import re
 import shutil
@@ -351,14 +352,15 @@ def test_mask_grid(fake):
     assert grid(4, 1003, 132) == (1, 4)
 
 
-@skip_no_host
-def test_decode_graphs_run_turns_a_stale_mask_off_for_an_eager_step(fake, rng):
-    """run(): a masked step samples in the graph (its load carries the mask, the replay applies it); a step that
-    samples eagerly (logprobs) must not have the graph mask its logits with the older step's mask."""
+def _fake_graphs(fake, rng, vocab: int, size: int):
+    """A DecodeGraphs of one size on the fake device, whose graph writes fixed random logits then samples them from
+    its buffers, as the captured _forward does; the backend's sampling is ops.cuda.sampling's (CudaBackend's)."""
     from graphs import manager
-    sampling, vocab, size = fake.sampling, 1003, 4
+    sampling = fake.sampling
     g = manager.DecodeGraphs.__new__(manager.DecodeGraphs)
-    g.cp, g._sampling, g.sizes, g.query_len = fake.cp, sampling, [size], 1
+    g.cp, g.sizes, g.query_len = fake.cp, [size], 1
+    g.backend = types.SimpleNamespace(sample=sampling.sample,
+                                      sample_into=lambda logits, buffers, out: sampling.sample(logits, buffers, out))
     g.sampling_buffers = sampling.SamplingBuffers(size, vocab, max_history=0, max_bias=0)
     g.sampled = _dev(np.zeros(size, np.int32))
     g.logits = {size: _dev(np.zeros((size, vocab), np.float32))}
@@ -366,13 +368,48 @@ def test_decode_graphs_run_turns_a_stale_mask_off_for_an_eager_step(fake, rng):
     g._stage = lambda *args: None
     raw = rng.standard_normal((size, vocab), dtype=np.float32)
 
-    class Graph:  # what the captured _forward does after the model: logits, then sample() on the graph's buffers
+    class Graph:
         def launch(self, stream):
             g.logits[size][:] = raw
             sampling.sample(g.logits[size], g.sampling_buffers, g.sampled)
 
     g.graphs = {size: Graph()}
-    meta = types.SimpleNamespace(seq_lens=np.zeros(3, np.int32))
+    return g, raw, types.SimpleNamespace(seq_lens=np.zeros(3, np.int32))
+
+
+@skip_no_host
+def test_decode_graphs_late_mask_samples_as_a_mask_loaded_before(fake, rng):
+    """run(late_mask=f): f is called after the launch (the step in flight lands meanwhile), then the parameters and
+    f's mask are loaded and the mask and sampler kernels run on the graph's logits, which end up masked exactly
+    by f's mask (the graph's own sampler ran with the older step's mask switched off)."""
+    g, raw, meta = _fake_graphs(fake, rng, vocab := 1003, size := 4)
+    ids = np.zeros(3, np.int32)
+    mask = random_mask(rng, 3, vocab)
+    t = tensors(rng, 3, vocab)
+    g.run(ids, ids, meta, tensors(rng, 3, vocab, random_mask(rng, 3, vocab)))  # an older step's mask, loaded
+    before = g.run(ids, ids, meta, dataclasses.replace(t, token_mask=mask))
+    calls = []
+
+    def late():
+        calls.append((g.steps, len(fake.log)))  # the graph was launched already
+        return mask
+    after = g.run(ids, ids, meta, t, late_mask=late)
+    assert [c[0] for c in calls] == [3] and g.steps_sampled_in_graph == 2  # sampled after the graph, not in it
+    # after f: one load (parameters and mask in one copy), then the mask and the sampler on the graph's logits
+    late_ops = fake.log[calls[0][1]:]
+    assert [e[0] for e in late_ops] == ["copy", "token_mask_kernel", "sample_kernel"]
+    assert late_ops[1][3] == late_ops[2][3] == g.logits[size].ctypes.data
+    np.testing.assert_array_equal(after.token_ids, before.token_ids)
+    want = raw.copy()
+    apply_token_mask(want[:3], mask)
+    np.testing.assert_array_equal(g.logits[size].view(np.ndarray)[:3], want[:3])
+
+
+@skip_no_host
+def test_decode_graphs_run_turns_a_stale_mask_off_for_an_eager_step(fake, rng):
+    """run(): a masked step samples in the graph (its load carries the mask, the replay applies it); a step that
+    samples eagerly (logprobs) must not have the graph mask its logits with the older step's mask."""
+    g, raw, meta = _fake_graphs(fake, rng, vocab := 1003, size := 4)
     ids = np.zeros(3, np.int32)
     mask = random_mask(rng, 3, vocab)
     g.run(ids, ids, meta, tensors(rng, 3, vocab, mask))
