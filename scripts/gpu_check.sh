@@ -17,6 +17,7 @@
 #   specbench  issue #14: the acceptance-controlled benchmark and the verify cost curve -> $OUT/spec.{jsonl,log}
 #   structured  issue #16: tests/gpu/test_token_mask.py, the host's mask cost and the engine benchmark at N = 1, 16
 #          plain and with a JSON schema on every request (7B shape, stand-in 152K tokenizer) -> $OUT/structured.*
+#   newgpu tests/gpu written without a GPU: sliding-window attention and engine parity, NCCL -> $OUT/newgpu_tests.log
 #   fp8bench  issues #13, #12: the engine benchmark (N = 1..256, 32 in / 512 out) fp16, fp8 weights, fp8 weights and
 #          KV, then the KV blocks at a 32K context fp16 and fp8 -> $OUT/engine.{jsonl,log}. About 5 minutes.
 #   fp8    issue #13: cuBLASLt's FP8 enums against the machine's headers, tests/gpu/test_fp8_gpu.py and the FP8-cache
@@ -35,8 +36,8 @@ status=0
 [[ $what == all ]] && what=tests,bench,serve
 for mode in ${what//,/ }; do
   case $mode in
-    tests | bench | serve | jit | fp8 | fp8bench | spec | specbench | structured) ;;
-    *) echo "usage: $0 [all|tests|bench|serve|jit|fp8|fp8bench|spec|specbench|structured][,more modes] [pytest -k expression]" >&2
+    tests | bench | serve | jit | fp8 | fp8bench | spec | specbench | structured | newgpu) ;;
+    *) echo "usage: $0 [all|tests|bench|serve|jit|fp8|fp8bench|spec|specbench|structured|newgpu][,more modes] [pytest -k expression]" >&2
        exit 2 ;;
   esac
 done
@@ -112,6 +113,12 @@ if want spec; then  # issue #14: the GPU tests, then spec() (SPEC_COST_K picks t
 fi
 if want specbench; then  # issue #14's benchmarks, with the verify graphs
   CUPYLLM_VERIFY_GRAPHS=1 spec
+fi
+
+if want newgpu; then  # this session's new GPU tests: sliding-window kernels and engine, the NCCL communicator
+  timeout 300 python3 -m pytest -q -rfE --tb=short tests/gpu/test_attention.py tests/gpu/test_engine_gpu.py \
+    tests/gpu/test_nccl.py -k "sliding or window or nccl or single_rank" > "$OUT/newgpu_tests.log" 2>&1 || status=1
+  grep -E "^FAILED|^E |passed|failed" "$OUT/newgpu_tests.log" | tail -20
 fi
 
 if want structured; then  # issue #16: the mask kernel's tests, then N = 1, 16 with a JSON schema each

@@ -21,18 +21,20 @@ from tests.conftest import VOCAB
 BLOCK = 16
 
 
-def _run(model, c: ModelConfig, steps: list[list[int]]) -> list[np.ndarray]:
-    """Logits of each step's last token; steps[0] is the prompt, each later step one token, one sequence."""
+def _run(model, c: ModelConfig, steps: list[list[int]], put=np.asarray) -> list:
+    """Logits of each step's last token; steps[0] is the prompt, each later step one token, one sequence.
+    put: host arrays to the model's backend (cupy.asarray on the GPU)."""
     b = model.backend
     _, caches = _paged_cache(b, c, 8, BLOCK)
     out, done = [], 0
     for ids in steps:
         n = len(ids)
         positions = np.arange(done, done + n, dtype=np.int32)
-        meta = AttentionMetadata(query_start_loc=np.array([0, n], np.int32), seq_lens=np.array([done + n], np.int32),
-                                 block_tables=np.arange(8, dtype=np.int32)[None, :], slot_mapping=positions.copy(),
-                                 max_query_len=n, max_seq_len=done + n)
-        hidden = model.forward(np.array(ids, np.int32), positions, meta, caches)
+        meta = AttentionMetadata(query_start_loc=put(np.array([0, n], np.int32)),
+                                 seq_lens=put(np.array([done + n], np.int32)),
+                                 block_tables=put(np.arange(8, dtype=np.int32)[None, :]),
+                                 slot_mapping=put(positions.copy()), max_query_len=n, max_seq_len=done + n)
+        hidden = model.forward(put(np.array(ids, np.int32)), put(positions), meta, caches)
         out.append(model.compute_logits(hidden[-1:]))
         done += n
     return out
