@@ -114,7 +114,6 @@ class LLMEngine:
         self._in_flight: _InFlight | None = None
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None \
             else self.runner.graphs is not None
-        self._plain_async = self.async_scheduling
         self._grammar_compiler = None
         self._grammar_lock = threading.Lock()
         self.spec = None
@@ -191,7 +190,11 @@ class LLMEngine:
         so the host's work overlaps the GPU's. A sequence that stops on that token has run one wasted row.
         """
         in_flight, self._in_flight = self._in_flight, None
+        touched: dict[str, Request] = {}
         if self.spec is not None:
+            if in_flight is not None and self._may_propose():
+                self._land(in_flight, touched)  # a proposal continues the ids in flight
+                in_flight = None
             self._propose()
         waiting = len(self.scheduler.waiting)
         sched = self.scheduler.schedule()
@@ -199,7 +202,6 @@ class LLMEngine:
             self._note_admitted(sched.scheduled[len(self.scheduler.waiting) - waiting:])
         if self.spec is not None:
             self._drop_unscheduled_proposals(sched)
-        touched: dict[str, Request] = {}
         if in_flight is not None and (sched.is_empty or not self.runner.one_step_ahead(sched)):
             self._land(in_flight, touched)  # this step needs the ids on the host
             in_flight = None
@@ -291,7 +293,6 @@ class LLMEngine:
         config's (the benchmark's OracleProposer). Counters start over."""
         self.spec, self.spec_stats, self._steps = spec, SpecDecodeStats(), 0
         if spec is None:
-            self.async_scheduling = self._plain_async
             return
         if proposer is None and spec.method == "self_draft":
             layers = self.model_config.num_hidden_layers
@@ -314,9 +315,15 @@ class LLMEngine:
         self.proposer = proposer or NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_max,
                                                   spec.prompt_lookup_min)
         self.gate = gate or AcceptanceGate()
-        if self.async_scheduling:  # a verify step needs the previous step's ids on the host to propose
-            logger.info("speculative decoding: one step ahead is off")
-        self.async_scheduling = False
+        # One step ahead stays on: a step that may propose lands the step in flight first (_may_propose), and a
+        # verify step is never deferred; steps where every sequence's proposals are paused run ahead as without.
+
+    def _may_propose(self) -> bool:
+        """Whether the next _propose could propose for some running sequence (its gate open, no grammar, a batch
+        small enough): then the ids in flight must land first."""
+        running, step = self.scheduler.running, self._steps + 1
+        return 0 < len(running) <= self.spec.disable_by_batch_size and any(
+            seq.grammar is None and self.gate.allows(seq.seq_id, step) for seq in running)
 
     def _propose(self) -> None:
         """Proposals for the running sequences in plain decode, when the batch is small enough to gain."""
