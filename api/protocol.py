@@ -367,7 +367,7 @@ def _tools(body: dict) -> tuple[list | None, str | dict, bool]:
 
 
 def _forced_tool_schema(tools: list, choice, parallel: bool) -> StructuredOutputs:
-    """The constraint that makes a "required" or named tool_choice's output parse: api/tool_parsers.py says how."""
+    """The constraint that makes a "required" or named tool_choice's output parse (api/tool_parsers/forced.py)."""
     from api.tool_parsers import tool_call_schema
     try:
         schema = tool_call_schema(tools, choice)

@@ -1,4 +1,4 @@
-"""Tool-call parsers (api/tool_parsers.py): extract() on whole outputs, feed()/finish() on any split of them.
+"""Tool-call parsers (api/tool_parsers/): extract() on whole outputs, feed()/finish() on any split of them.
 
 The streaming tests check the module's promise: for every split of a text into deltas, the streamed
 calls (names, concatenated argument fragments) and the concatenated content equal extract()'s.
