@@ -389,7 +389,11 @@ class OpenAIServing:
 
     def _check_prompt_length(self, text: str) -> None:
         """The context-length 400 before encoding, for a text too long for the context whatever its ids: a 20 MB
-        prompt costs a length check, not seconds of tokenizing and a gigabyte of ids."""
+        prompt costs a length check, not seconds of tokenizing and a gigabyte of ids. The bound is at most one
+        token a character, so a text shorter than the context never needs it (nor the tokenizer's one-off scan of
+        its vocabulary, which would otherwise land on the event loop with the first request)."""
+        if len(text) < self.max_model_len:
+            return
         need = self.tokenizer.min_tokens(text)
         if need >= self.max_model_len:
             raise APIError(f"This model's maximum context length is {self.max_model_len} tokens. However, your "

@@ -161,7 +161,7 @@ def _quantization(q) -> str | None:
 # Fields that change what transformers computes for these architectures, which cupyllm does not implement: refused
 # by name when present with anything but the neutral value (tests/test_config.py lists them).
 UNIMPLEMENTED_FIELDS = {
-    "hidden_act": ("silu",),  # the MLP's activation: SiLU x up only
+    "hidden_act": ("silu", None),  # the MLP's activation: SiLU x up only (None: the architecture's default, SiLU)
     "mlp_bias": (False, None),  # Llama: bias on gate/up/down
     "partial_rotary_factor": (1, 1.0, None),  # rotary embedding on part of each head
     "attn_logit_softcapping": (None,),
@@ -175,8 +175,6 @@ def _refuse_unimplemented(arch: str, raw: dict) -> None:
     params = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
     for name, neutral in UNIMPLEMENTED_FIELDS.items():
         value = params.get(name, raw.get(name)) if name == "partial_rotary_factor" else raw.get(name)
-        if name == "hidden_act" and value is None:
-            continue  # the architecture's default, SiLU
         if value not in neutral:
             raise ConfigError(f"config.json: {name} = {value!r} is not supported for {arch} (it changes the model's "
                               f"math and cupyllm does not implement it); supported: {neutral[0]!r}")
