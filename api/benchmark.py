@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
     p.add_argument("--device", default="auto", choices=["auto", "numpy", "cuda"])
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="shard the model over N ranks (one GPU each on CUDA)")
     p.add_argument("--quantization", "-q", default=None, choices=("fp8",), help="fp8: E4M3 projection weights")
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "fp8_e4m3"))
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
@@ -71,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         max_num_seqs=max(ns), max_model_len=args.max_model_len or args.input_len + args.output_len + 16,
         max_num_batched_tokens=max(8192, max(ns) * args.input_len), enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+        tensor_parallel_size=args.tensor_parallel_size,
         skip_tokenizer_init=bool(args.model) and not has_tokenizer))
     startup = time.perf_counter() - t0
     print(f"engine ready in {startup:.2f} s ({engine.backend.name}); stages: "
@@ -98,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         r.update(n=n, input_len=args.input_len, output_len=args.output_len, startup_s=round(startup, 2),
                  async_scheduling=engine.async_scheduling)
         graphs = engine.runner.graphs
-        if graphs is not None and n <= graphs.max_size:
+        # a replay on rank 0 alone would wait for ever for the other ranks' collectives
+        if graphs is not None and n <= graphs.max_size and engine.runner.ranks is None:
             # The GPU's share of a decode step: the graph alone, at the run's median context.
             r["graph_ms"] = round(graphs.time_replay(n, args.input_len + args.output_len // 2), 3)
         rows.append(r)
@@ -268,6 +272,12 @@ def _w8a16(args) -> dict:
     return {"w8a16_max_tokens": quant.W8A16_MAX_TOKENS} if args.quantization == "fp8" else {}
 
 
+def _tp(args: argparse.Namespace) -> dict:
+    """The tensor-parallel size where it is not 1 (entries of one GPU keep their old keys)."""
+    size = getattr(args, "tensor_parallel_size", 1)
+    return {"tensor_parallel_size": size} if size > 1 else {}
+
+
 def record(rows: list[dict], args: argparse.Namespace, engine) -> None:
     card = engine.backend.device_name() if engine.backend.has_device_memory else "cpu"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -278,14 +288,15 @@ def record(rows: list[dict], args: argparse.Namespace, engine) -> None:
                 commit=commit or "unknown (no git here)", card=card,
                 model=os.path.basename(os.path.normpath(args.model)) if args.model else "demo",
                 dtype=engine.backend.dtype_name, quantization=args.quantization or "none",
-                kv_cache_dtype=args.kv_cache_dtype, **_w8a16(args),
+                kv_cache_dtype=args.kv_cache_dtype, **_w8a16(args), **_tp(args),
                 command="cupyllm benchmark " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                        if k in ("model", "load_format", "n", "input_len",
                                                                 "output_len", "dtype", "quantization") and v)
                 + (f" --kv-cache-dtype {args.kv_cache_dtype}" if args.kv_cache_dtype != "auto" else "")
                 + (f" --speculative-config '{args.speculative_config}' --spec-acceptance {args.spec_acceptance}"
                    f" --spec-gate {args.spec_gate}" if args.spec_acceptance is not None else "")
-                + (" --structured" if args.structured else ""))
+                + (" --structured" if args.structured else "")
+                + (f" --tensor-parallel-size {_tp(args)['tensor_parallel_size']}" if _tp(args) else ""))
     lines = [json.dumps({**base, **r}, sort_keys=True) + "\n" for r in rows]
     targets = ([args.json] if args.json else []) + ([] if args.no_history else [str(HISTORY)])
     for path in targets:

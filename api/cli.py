@@ -59,7 +59,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", "-q", default=None, choices=("fp8",),
                    help="fp8: linear weights as E4M3 with per-channel scales, activations per token "
                         "(sm_89+ GPUs, or numpy)")
-    p.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1)
+    p.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1,
+                   help="shard the model over N ranks, one process each (one GPU each on CUDA; numpy: CPU processes)")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, as vLLM takes it: {"method": "ngram", "num_speculative_tokens": 4, '
                         '"prompt_lookup_max": 4, "prompt_lookup_min": 1}; "disable_by_batch_size": N turns it off in '
@@ -117,7 +118,6 @@ OPTIONAL_FEATURES = (
      "this engine sizes the KV cache itself; set its size with --num-gpu-blocks-override"),
     ("kv_cache_dtype", "--kv-cache-dtype", "auto", "the KV cache is stored in the model dtype only"),
     ("quantization", "--quantization", None, "quantized weights are not implemented; use an unquantized checkpoint"),
-    ("tensor_parallel_size", "--tensor-parallel-size", 1, "cupyllm runs a model on one device"),
     ("block_size", "--block-size", 16, "KV-cache blocks hold 16 tokens"),
     ("enforce_eager", "--enforce-eager", False, ""),
 )
@@ -137,6 +137,7 @@ def engine_config(args: argparse.Namespace):
         kw["enable_prefix_caching"] = args.enable_prefix_caching
     kw["async_scheduling"] = args.async_scheduling
     kw["speculative_config"] = args.speculative_config
+    kw["tensor_parallel_size"] = args.tensor_parallel_size
     for field, flag, neutral, why in OPTIONAL_FEATURES:
         value = getattr(args, field)
         if field in fields:
@@ -248,6 +249,10 @@ def run_serve(args: argparse.Namespace) -> int:
     logger.info("loading %s", config.model or "the built-in demo model (random weights: its output is nonsense)")
     with Stage("engine start (load, kernels, graph capture)", timings):
         llm = LLMEngine(config)
+    if llm.runner.ranks is not None:
+        logger.info("tensor parallel: %d ranks, rank 0 in this process, ranks 1-%d as pids %s",
+                    config.tensor_parallel_size, config.tensor_parallel_size - 1,
+                    " ".join(map(str, llm.runner.ranks.group.pids)))
     for stage, seconds in (getattr(llm, "stage_times", None) or {}).items():
         logger.info("  %s: %.2f s", stage, seconds)
     engine = AsyncLLMEngine(llm)
@@ -270,6 +275,10 @@ def run_serve(args: argparse.Namespace) -> int:
         app.run(sock=sock, single_process=True, access_log=False, motd=False, backlog=1024)
     finally:
         engine.shutdown()
+    from engine.tp_workers import RankFailedError
+    if isinstance(engine.dead_error, RankFailedError):  # the server stopped itself (api.server)
+        sys.stderr.write(f"cupyllm serve: error: {engine.dead_error}; the server stopped\n")
+        return 1
     return 0
 
 

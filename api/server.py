@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_STREAM_TIMEOUT = 60.0  # seconds a streaming client may accept nothing before its request is aborted
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds SIGTERM waits for running requests; keep below the orchestrator's grace
+RANK_FAILURE_EXIT_DELAY = 2.0  # seconds /health answers 503 after a tensor-parallel rank died, before the exit
 _app_ids = itertools.count()
 
 
@@ -84,7 +85,27 @@ def create_app(engine, served_model_names: list[str] | None = None, api_key: str
     _add_auth(app, api_key)
     _add_errors(app)
     _add_routes(app, engine, serving, metrics, drain)
+    _exit_on_rank_failure(app, engine)
     return app
+
+
+def _exit_on_rank_failure(app: Sanic, engine) -> None:
+    """A tensor-parallel rank that died leaves an engine that can never run again: /health answers 503 naming the
+    rank (the engine's dead_error) for RANK_FAILURE_EXIT_DELAY seconds, so that a health check sees why, then the
+    server stops (cupyllm serve exits with status 1 and the error)."""
+    from engine.tp_workers import RankFailedError
+
+    async def watch():
+        while not isinstance(getattr(engine, "dead_error", None), RankFailedError):
+            await asyncio.sleep(0.05)
+        logger.error("%s; /health answers 503, the server exits in %.0f s", engine.dead_error,
+                     RANK_FAILURE_EXIT_DELAY)
+        await asyncio.sleep(RANK_FAILURE_EXIT_DELAY)
+        app.stop(terminate=False)
+
+    @app.after_server_start
+    async def start_watch(app):
+        app.add_task(watch())
 
 
 class Drain:

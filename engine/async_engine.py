@@ -38,6 +38,9 @@ class AsyncLLMEngine:
         self._seqs_taken = 0  # written by the engine thread
         self.failed_steps = 0  # steps that raised and failed their requests
         self._failures_in_a_row = 0
+        ranks = getattr(getattr(engine, "runner", None), "ranks", None)
+        if ranks is not None:  # a tensor-parallel worker that dies while the engine idles stops the loop too
+            ranks.group.on_failure = lambda error: self._commands.put(("failed", error))
         self._thread.start()
 
     @property
@@ -88,9 +91,13 @@ class AsyncLLMEngine:
             self._deliver(request_id, error)
 
     def shutdown(self) -> None:
+        """Stop the engine loop, then the engine's worker processes (tensor parallelism)."""
         self._stopped.set()
         self._commands.put(("wake",))
         self._thread.join(timeout=10)
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
 
     # engine thread
     def _run(self) -> None:
@@ -151,6 +158,8 @@ class AsyncLLMEngine:
                                                                  f"{type(e).__name__}: {e}"))
             elif cmd[0] == "abort":
                 self.engine.abort(cmd[1])
+            elif cmd[0] == "failed" and self.dead_error is None:  # RankFailedError from the workers' watcher
+                raise cmd[1]
 
     def _deliver(self, request_id: str, item) -> None:
         stream = self._streams.get(request_id)

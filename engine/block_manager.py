@@ -87,8 +87,9 @@ class BlockManager:
         seq.num_cached_tokens += len(cached_blocks) * bs
         for _ in range(need):
             seq.block_table.append(self._take_free_block())
-        if self.enable_prefix_caching:
-            self._register_full_blocks(seq, computed, min(computed + num_new_tokens, seq.num_tokens - seq.num_spec))
+        end = computed + num_new_tokens
+        if self.enable_prefix_caching and end // bs > computed // bs:  # a block fills up (1 decode step in 16)
+            self._register_full_blocks(seq, computed, min(end, seq.num_tokens - seq.num_spec))
         return True
 
     def rollback(self, seq: Sequence, verified_from: int) -> None:

@@ -9,7 +9,13 @@ import json
 import os
 from dataclasses import dataclass, field
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM")
+from ops.moe_layout import MAX_EXPERTS, MAX_TOP_K
+
+# Each mixture-of-experts architecture with the dense one whose attention (and config rules) it shares
+MOE_FAMILIES = {"MixtralForCausalLM": "MistralForCausalLM", "Qwen2MoeForCausalLM": "Qwen2ForCausalLM",
+                "Qwen3MoeForCausalLM": "Qwen3ForCausalLM"}
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM",
+                           *MOE_FAMILIES)
 SUPPORTED_ROPE_SCALING = ("llama3", "linear", "default (none)")
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -25,6 +31,20 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+
+@dataclass(slots=True, frozen=True)
+class MoeConfig:
+    """The sparse MLP of a mixture-of-experts model: a router picks top_k of num_experts experts per token (softmax
+    over the router's logits in float32, the top_k probabilities renormalised to sum 1 when `normalize`), each a
+    SiLU-gated MLP of `intermediate_size`; the token's output is their weighted sum, plus Qwen2-MoE's shared expert
+    scaled by sigmoid(its gate). Layers outside `layers` have a dense MLP of the model's intermediate_size."""
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    normalize: bool
+    layers: tuple[int, ...]
+    shared_intermediate_size: int = 0  # 0: no shared expert
 
 
 @dataclass(slots=True)
@@ -51,6 +71,8 @@ class ModelConfig:
     quantization: str | None = None  # "fp8": the checkpoint's projection weights are E4M3 with *_scale tensors
     sliding_window: int = 0  # > 0: the layers in sliding_layers attend only to the last sliding_window positions
     sliding_layers: tuple[int, ...] = ()
+    family: str = ""  # the dense architecture whose attention this one has (MOE_FAMILIES); itself when dense
+    moe: MoeConfig | None = None
 
     def window(self, layer: int) -> int:
         """How many positions (the query's own included) layer `layer` attends to; 0 = all."""
@@ -61,7 +83,21 @@ class ModelConfig:
         """Every layer has the window: K/V older than it is never read again (its blocks can go)."""
         return self.sliding_window > 0 and len(self.sliding_layers) == self.num_hidden_layers
 
+    def sparse(self, layer: int) -> bool:
+        """Layer `layer`'s MLP is a mixture of experts."""
+        return self.moe is not None and layer in self.moe.layers
+
+    @property
+    def num_experts(self) -> int:
+        return self.moe.num_experts if self.moe is not None else 0
+
+    @property
+    def o_proj_bias(self) -> bool:
+        """o_proj has a bias: Llama's attention_bias covers it, Qwen2's q/k/v biases do not."""
+        return self.attention_bias and self.family != "Qwen2ForCausalLM"
+
     def __post_init__(self):
+        self.family = self.family or MOE_FAMILIES.get(self.architecture, self.architecture)
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
@@ -93,6 +129,7 @@ class ModelConfig:
         if isinstance(text, dict):  # some checkpoints nest the language model's fields
             raw = {**raw, **text}
         _refuse_unimplemented(arch, raw)
+        family = MOE_FAMILIES.get(arch, arch)
         try:
             hidden, heads = raw["hidden_size"], raw["num_attention_heads"]
             head_dim = raw.get("head_dim") or hidden // heads
@@ -111,7 +148,7 @@ class ModelConfig:
                 max_position_embeddings=raw.get("max_position_embeddings", 4096),
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
                 attention_bias=_attention_bias(arch, raw),
-                qk_norm=arch == "Qwen3ForCausalLM",
+                qk_norm=family == "Qwen3ForCausalLM",
                 rope_scaling=_rope_scaling(raw.get("rope_scaling") or raw.get("rope_parameters")),
                 torch_dtype=_dtype_name(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
                 bos_token_id=raw.get("bos_token_id"),
@@ -119,6 +156,8 @@ class ModelConfig:
                 model_path=model_path,
                 quantization=_quantization(raw.get("quantization_config")),
                 **_sliding_window(arch, raw),
+                family=family,
+                moe=_moe(arch, raw),
             )
         except KeyError as e:
             raise ConfigError(f"config.json: required field {e.args[0]!r} is missing for {arch}") from e
@@ -185,21 +224,47 @@ def _refuse_unimplemented(arch: str, raw: dict) -> None:
 
 def _sliding_window(arch: str, raw: dict) -> dict:
     """sliding_window and sliding_layers as transformers reads them: Mistral slides every layer when sliding_window
-    is set; Qwen2/Qwen3 only with use_sliding_window, on the layers layer_types marks (else from max_window_layers
-    on); Llama never."""
+    is set (Mixtral too); Qwen2/Qwen3 only with use_sliding_window, on the layers layer_types marks (else from
+    max_window_layers on), and Qwen3-MoE then on every layer; Llama never."""
     window = raw.get("sliding_window")
-    if arch == "LlamaForCausalLM" or not window or (arch != "MistralForCausalLM" and not raw.get("use_sliding_window")):
+    family = MOE_FAMILIES.get(arch, arch)
+    if family == "LlamaForCausalLM" or not window or (family != "MistralForCausalLM" and
+                                                      not raw.get("use_sliding_window")):
         return {}
     if not isinstance(window, int) or window <= 0:
         raise ConfigError(f"config.json: sliding_window must be a positive integer or null, got {window!r}")
     num_layers = raw["num_hidden_layers"]
-    if arch == "MistralForCausalLM":
+    if family == "MistralForCausalLM" or arch == "Qwen3MoeForCausalLM":
         layers = range(num_layers)
     elif raw.get("layer_types") is not None:
         layers = [i for i, t in enumerate(raw["layer_types"]) if t == "sliding_attention"]
     else:
         layers = range(int(raw.get("max_window_layers", 28)), num_layers)
     return {"sliding_window": window, "sliding_layers": tuple(layers)}
+
+
+def _moe(arch: str, raw: dict) -> MoeConfig | None:
+    """The sparse MLP's shape as transformers reads it: Mixtral's every layer, with the model's intermediate_size and
+    renormalised top-k weights; Qwen's layers (i + 1) % decoder_sparse_step == 0 outside mlp_only_layers, with
+    moe_intermediate_size and norm_topk_prob (Qwen2-MoE adds a shared expert)."""
+    if arch not in MOE_FAMILIES:
+        return None
+    n, k = raw.get("num_experts", raw.get("num_local_experts")), raw.get("num_experts_per_tok")
+    for name, value in (("num_experts", n), ("num_experts_per_tok", k)):
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"config.json: {name} must be a positive integer for {arch}, got {value!r}")
+    if k > n:
+        raise ConfigError(f"config.json: num_experts_per_tok ({k}) must be at most the number of experts ({n})")
+    if k > MAX_TOP_K or n > MAX_EXPERTS:
+        raise ConfigError(f"config.json: {n} experts, {k} a token: supported up to {MAX_EXPERTS} experts and "
+                          f"{MAX_TOP_K} a token")
+    layers = raw["num_hidden_layers"]
+    if arch == "MixtralForCausalLM":
+        return MoeConfig(n, k, raw["intermediate_size"], True, tuple(range(layers)))
+    step, dense = raw.get("decoder_sparse_step", 1) or 1, set(raw.get("mlp_only_layers") or ())
+    shared = raw.get("shared_expert_intermediate_size", 0) if arch == "Qwen2MoeForCausalLM" else 0
+    return MoeConfig(n, k, raw["moe_intermediate_size"], bool(raw.get("norm_topk_prob", False)),
+                     tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0), shared or 0)
 
 
 def _rope_theta(raw: dict) -> float:
@@ -212,6 +277,8 @@ def _rope_theta(raw: dict) -> float:
 def _attention_bias(arch: str, raw: dict) -> bool:
     if arch == "Qwen2ForCausalLM":
         return True  # Qwen2 always has q/k/v bias; its config has no field for it
+    if arch == "Qwen2MoeForCausalLM":
+        return bool(raw.get("qkv_bias", True))  # transformers 5 names it qkv_bias; older configs have none
     return bool(raw.get("attention_bias", False))
 
 
@@ -345,6 +412,7 @@ class EngineConfig:
     quantization: str | None = None  # "fp8": linear weights as E4M3 per output channel, activations per token
     kv_cache_dtype: str = "auto"  # "fp8" / "fp8_e4m3": K and V stored as E4M3 with a scale per KV head
     speculative_config: SpeculativeConfig | dict | str | None = None  # vLLM's --speculative-config
+    tensor_parallel_size: int = 1  # ranks the model is sharded over, one process (and GPU) each (engine/tp_runner.py)
     cache: CacheConfig = field(init=False)
     scheduler: SchedulerConfig = field(init=False)
 
@@ -361,6 +429,8 @@ class EngineConfig:
             raise ConfigError(f"kv_cache_dtype must be auto, fp8 or fp8_e4m3 (E4M3); got {self.kv_cache_dtype!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         self.cache = CacheConfig(num_blocks=self.num_kv_blocks, enable_prefix_caching=self.enable_prefix_caching)
         self.scheduler = SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len or 4096)

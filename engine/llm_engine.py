@@ -19,11 +19,12 @@ from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.errors import EngineStepError, FatalEngineError
 from engine.loader import CheckpointWeights, DummyWeights, resolve_model_path
 from engine.model_runner import ModelRunner
-from engine.outputs import PromptLogprob, RequestOutput, SequenceOutputState
+from engine.outputs import PromptLogprob, RequestOutput, SequenceOutputState, collect_prompt_logprobs
 from engine.sampling_params import SamplingParams, check_token_ids
 from engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from engine.sequence import Sequence
-from engine.spec_decode import AcceptanceGate, GreedyDraftProposer, NgramProposer, SpecDecodeStats
+from engine.spec_decode import AcceptanceGate, SpecDecodeStats, Speculator, build_proposer
+from engine.structured import GrammarCompiler, LandedGrammars, rows_ahead
 from engine.tokenizer import Tokenizer
 from ops.backend import get_backend
 from ops.sampling_types import DeferredSample, SamplingTensors
@@ -48,6 +49,7 @@ class _InFlight:
     seqs: list[Sequence]  # the sampling rows, in order
     sample: DeferredSample
     landed: bool = False
+    grammars: LandedGrammars | None = None  # its ids in the grammars and the next masks started, ahead of landing
 
 
 @dataclass(slots=True)
@@ -96,13 +98,13 @@ class LLMEngine:
         self.stage_times["config and tokenizer"] = time.perf_counter() - t0
         weights = DummyWeights(config.seed) if config.load_format == "dummy" else CheckpointWeights(path)
         with weights:
-            self.runner = ModelRunner(mc, config, self.backend, weights)
+            if config.tensor_parallel_size > 1:
+                from engine.tp_runner import rank_zero_runner
+                self.runner = rank_zero_runner(mc, config, self.backend, weights)
+            else:
+                self.runner = ModelRunner(mc, config, self.backend, weights)
         self.stage_times.update(self.runner.stage_times)
-        num_blocks = self.runner.num_blocks
-        if num_blocks * config.cache.block_size < self.max_model_len:
-            raise ConfigError(f"the KV cache holds {num_blocks} blocks ({num_blocks * config.cache.block_size} "
-                              f"tokens), fewer than one sequence of max_model_len {self.max_model_len}; "
-                              "lower max_model_len or give the cache more memory")
+        num_blocks = self.runner.num_blocks  # at least one max_model_len sequence's (ModelRunner checks)
         # every layer sliding: blocks the window has passed go back (a model with some full layers keeps them all)
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
                                           mc.sliding_window if mc.all_layers_slide else 0)
@@ -116,7 +118,7 @@ class LLMEngine:
             else self.runner.graphs is not None
         self._grammar_compiler = None
         self._grammar_lock = threading.Lock()
-        self.spec = None
+        self.speculator: Speculator | None = None
         self.enable_speculation(config.speculative_config)
         logger.info("engine ready in %.2f s: %s on %s, %d KV blocks (%d tokens), max_model_len %d, "
                     "decode graphs %s, one step ahead %s", time.perf_counter() - t0, mc.architecture,
@@ -131,7 +133,6 @@ class LLMEngine:
             if self._grammar_compiler is None:
                 if self.tokenizer is None:
                     raise ValueError("structured outputs need the tokenizer; this engine runs with skip_tokenizer_init")
-                from engine.structured import GrammarCompiler
                 self._grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
                                                          self.eos_token_ids)
             return self._grammar_compiler
@@ -179,6 +180,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes, if any (also done at interpreter exit)."""
+        self.runner.close()
+
     # the step
     def step(self) -> list[RequestOutput]:
         """Schedule, run, post-process. If running or post-processing raises, the requests scheduled in
@@ -191,37 +196,40 @@ class LLMEngine:
         """
         in_flight, self._in_flight = self._in_flight, None
         touched: dict[str, Request] = {}
-        if self.spec is not None:
-            if in_flight is not None and self._may_propose():
+        speculator = self.speculator
+        if speculator is not None:
+            if in_flight is not None and speculator.may_propose():
                 self._land(in_flight, touched)  # a proposal continues the ids in flight
                 in_flight = None
-            self._propose()
+            speculator.propose()
+        if in_flight is not None and in_flight.sample.ready() and (ahead := rows_ahead(in_flight.seqs)):
+            self._land_grammars(in_flight, ahead)  # its masks outlasted its forward: the next ones start at once
         waiting = len(self.scheduler.waiting)
         sched = self.scheduler.schedule()
         if len(self.scheduler.waiting) < waiting:  # admitted from the waiting queue: the last scheduled entries
             self._note_admitted(sched.scheduled[len(self.scheduler.waiting) - waiting:])
-        if self.spec is not None:
-            self._drop_unscheduled_proposals(sched)
+        if speculator is not None:
+            speculator.drop_unscheduled(sched)
+        result, late, late_mask, landed = None, None, None, None
         if in_flight is not None and (sched.is_empty or not self.runner.one_step_ahead(sched)):
             self._land(in_flight, touched)  # this step needs the ids on the host
-            in_flight = None
+            in_flight, landed = None, in_flight.grammars  # the masks started before scheduling serve this step
             # A sequence the landed token finished (EOS, a stop string) has no blocks any more: it must not run.
             sched.scheduled = [s for s in sched.scheduled if not s.seq.is_finished]
-        result, late, late_mask = None, None, None
         sampling_seqs = [s.seq for s in sched.scheduled if s.samples]
         if in_flight is not None and any(seq.grammar is not None for seq in sampling_seqs):
             # A grammar's mask needs the in-flight ids: the forward is launched first, then they land and the
             # masks are computed while it runs, then the step samples (ModelRunner.execute's late_mask).
             late, in_flight = in_flight, None
-            late_mask = functools.partial(self._land_then_mask, late, touched, sampling_seqs)
+            late_mask = functools.partial(self._land, late, touched, sampling_seqs)
         if not sched.is_empty:
             try:
-                tensors = self._sampling_tensors(sampling_seqs, late_mask is None) if sampling_seqs else None
+                tensors = self._sampling_tensors(sampling_seqs, late_mask is None, landed) if sampling_seqs else None
                 t0 = time.perf_counter()
                 result = self.runner.execute(sched, tensors, defer=self.async_scheduling, late_mask=late_mask)
-                self._collect_prompt_logprobs()
-                if self.spec is not None and any(s.seq.num_spec for s in sched.scheduled):
-                    self.spec_stats.verify_seconds += time.perf_counter() - t0  # sampled ids are on the host
+                collect_prompt_logprobs(self.runner.prompt_logprobs, self.requests)
+                if speculator is not None and any(s.seq.num_spec for s in sched.scheduled):
+                    speculator.stats.verify_seconds += time.perf_counter() - t0  # sampled ids are on the host
             except FatalEngineError:
                 raise
             except Exception as e:
@@ -244,155 +252,66 @@ class LLMEngine:
                 raise self._fail_step(sched, e) from e
         return [self._request_output(req) for req in touched.values()]
 
-    def _collect_prompt_logprobs(self) -> None:
-        """Append what the step computed to each request's prompt logprobs. Each choice computes its positions in
-        order from the first (such requests take no prefix-cache hits); positions already known (another choice's,
-        or recomputed after a preemption) are dropped."""
-        for part in self.runner.prompt_logprobs:
-            req = self.requests.get(part.seq.request_id)
-            if req is None or req.prompt_logprobs is None:
-                continue
-            have = req.prompt_logprobs
-            if part.first > len(have):
-                raise RuntimeError(f"prompt logprobs of request {req.request_id} from token {part.first} while "
-                                   f"{len(have)} are known: a prompt position was skipped")
-            tokens = part.seq.token_ids
-            for j in range(len(have) - part.first, len(part.logprobs)):
-                top = [] if part.top_ids is None else [(int(i), float(v)) for i, v in
-                                                       zip(part.top_ids[j], part.top_logprobs[j])]
-                have.append((tokens[part.first + j], float(part.logprobs[j]), int(part.ranks[j]), top))
-
-    def _land_then_mask(self, in_flight: _InFlight, touched: dict[str, Request], seqs: list[Sequence]):
-        """Land the step in flight, then the token masks of `seqs` (a step whose forward is already running)."""
-        self._land(in_flight, touched)
-        return self._token_mask(seqs)
-
-    def _land(self, in_flight: _InFlight, touched: dict[str, Request]) -> None:
-        """Wait for an in-flight step's ids and post-process them."""
-        in_flight.landed = True
+    def _land(self, in_flight: _InFlight, touched: dict[str, Request], masks_of: list[Sequence] | None = None):
+        """Wait for an in-flight step's ids and post-process them. masks_of: the sampling sequences of the step behind
+        it (its late mask): the ids advance the grammars (unless step() did before scheduling), the masks are computed
+        on the worker while this thread detokenizes (grammars untouched) and returned; else the worker is done first."""
+        in_flight.landed, landed = True, in_flight.grammars
+        if masks_of is not None and landed is None:
+            landed = self._land_grammars(in_flight, masks_of)
+        elif masks_of is None and landed is not None:
+            landed.release()
         try:
-            self._append_all(in_flight.seqs, in_flight.sample.result(), touched)
+            sampled, ended = (in_flight.sample.result(), None) if landed is None else (landed.sampled, landed.ended)
+            self._append_all(in_flight.seqs, sampled, touched, ended)
+        except Exception as e:
+            if landed is not None:
+                landed.release()  # the worker lets go of the grammars before their requests fail
+            raise self._fail_step(in_flight.sched, e) from e
+        return None if masks_of is None else landed.masks_for(masks_of)
+
+    def _land_grammars(self, in_flight: _InFlight, mask_seqs: list[Sequence]) -> LandedGrammars:
+        """Wait for an in-flight step's ids, advance its grammars by them and start the masks of `mask_seqs`."""
+        try:
+            in_flight.grammars = LandedGrammars(self.grammar_compiler, in_flight.seqs, in_flight.sample, mask_seqs)
         except Exception as e:
             raise self._fail_step(in_flight.sched, e) from e
+        return in_flight.grammars
 
-    def _append_all(self, seqs: list[Sequence], sampled, touched: dict[str, Request]) -> None:
+    def _append_all(self, seqs: list[Sequence], sampled, touched: dict[str, Request],
+                    grammars_ended: dict[int, bool] | None = None) -> None:
+        """grammars_ended: what advance_grammars said of these tokens (then the grammars are not touched)."""
         row = 0
         for seq in seqs:
             first, row = row, row + seq.num_spec + 1  # a sequence with K proposals has K + 1 rows
             if seq.is_finished:  # stopped by the step before (one step ahead), or aborted
                 continue
             if seq.num_spec:
-                self._verify(seq, sampled, first)
+                self.speculator.verify(seq, sampled, first, self._append_token)
             else:
-                self._append_token(seq, sampled, first)
+                self._append_token(seq, sampled, first, None if grammars_ended is None else grammars_ended.get(id(seq)))
             touched[seq.request_id] = self.requests[seq.request_id]
 
-    # speculative decoding (engine/spec_decode.py says why drawing and comparing is the rejection rule)
+    # speculative decoding (engine/spec_decode.py: the Speculator, and why drawing and comparing is the rejection rule)
     def enable_speculation(self, spec, proposer=None, gate: AcceptanceGate | None = None) -> None:
         """Speculate from the next step on with `spec` (a SpeculativeConfig; None: stop); `proposer` replaces the
         config's (the benchmark's OracleProposer). Counters start over."""
-        self.spec, self.spec_stats, self._steps = spec, SpecDecodeStats(), 0
         if spec is None:
+            self.speculator = None
             return
-        if proposer is None and spec.method == "self_draft":
-            layers = self.model_config.num_hidden_layers
-            if not spec.draft_layers < layers:
-                raise ConfigError(f"speculative_config draft_layers {spec.draft_layers} must be fewer than the "
-                                  f"model's {layers} layers")
-            proposer = GreedyDraftProposer(self.runner, self.block_manager, self.runner.model, self.runner.kv_caches,
-                                           spec.draft_layers)
-        if proposer is None and spec.method == "draft_model" and self.block_manager.window:
-            raise ConfigError("speculative_config method draft_model: the target has sliding-window attention, so its "
-                              "blocks outside the window are released, and a draft model reads the same block tables; "
-                              "use ngram or self_draft with this model")
-        if proposer is None and spec.method == "draft_model":
-            draft = self.runner.draft
-            if draft is None:
-                raise ConfigError("speculative_config method draft_model: the engine was built without its draft "
-                                  "(give the speculative config when the engine is made)")
-            proposer = GreedyDraftProposer(self.runner, self.block_manager, draft.model, draft.kv_caches,
-                                           own_cache=True)
-        self.proposer = proposer or NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_max,
-                                                  spec.prompt_lookup_min)
-        self.gate = gate or AcceptanceGate()
-        # One step ahead stays on: a step that may propose lands the step in flight first (_may_propose), and a
-        # verify step is never deferred; steps where every sequence's proposals are paused run ahead as without.
+        proposer = proposer or build_proposer(spec, self.runner, self.block_manager,
+                                              self.model_config.num_hidden_layers)
+        self.speculator = Speculator(spec, proposer, gate or AcceptanceGate(), self.scheduler, self.block_manager,
+                                     self.max_model_len, self.config.scheduler.max_num_batched_tokens)
 
-    def _may_propose(self) -> bool:
-        """Whether the next _propose could propose for some running sequence (its gate open, no grammar, a batch
-        small enough): then the ids in flight must land first."""
-        running, step = self.scheduler.running, self._steps + 1
-        return 0 < len(running) <= self.spec.disable_by_batch_size and any(
-            seq.grammar is None and self.gate.allows(seq.seq_id, step) for seq in running)
+    @property
+    def spec(self):
+        """The SpeculativeConfig in force, None when not speculating."""
+        return None if self.speculator is None else self.speculator.spec
 
-    def _propose(self) -> None:
-        """Proposals for the running sequences in plain decode, when the batch is small enough to gain."""
-        spec, running = self.spec, self.scheduler.running
-        self._steps += 1
-        if not running or len(running) > spec.disable_by_batch_size:
-            return
-        t0 = time.perf_counter()
-        # The running sequences are scheduled first and whole while the budget lasts: keep every proposal inside
-        # it, so that no step computes a proposal without the rows that verify it.
-        room = self.config.scheduler.max_num_batched_tokens - sum(s.num_tokens - s.num_computed_tokens for s in running)
-        wants = []
-        for seq in running:
-            if seq.num_computed_tokens != seq.num_tokens - 1 or seq.pending_row >= 0 or seq.grammar is not None \
-                    or not self.gate.allows(seq.seq_id, self._steps):
-                continue
-            k = min(spec.num_speculative_tokens, self.max_model_len - seq.num_tokens - 1, room)
-            if seq.params.max_tokens is not None:
-                k = min(k, seq.params.max_tokens - seq.num_output_tokens - 1)
-            if k > 0:
-                wants.append((seq, k))
-                room -= k
-        batch = getattr(self.proposer, "propose_batch", None)  # a draft model drafts for the batch at once
-        proposals = batch(wants) if batch else [self.proposer.propose(seq.token_ids, k) for seq, k in wants]
-        for (seq, k), proposal in zip(wants, proposals):
-            if proposal:  # a short one filled up to k (the verify graphs take k a sequence): more to accept, or not
-                proposal = proposal + [proposal[-1]] * (k - len(proposal))
-                seq.token_ids.extend(proposal)
-                seq.num_spec = len(proposal)
-        self.spec_stats.draft_seconds += time.perf_counter() - t0
-
-    def _drop_unscheduled_proposals(self, sched: SchedulerOutput) -> None:
-        """Preempted sequences start over without their proposals (no step ever computes them partly: proposals
-        are made only where the whole batch's fit the token budget)."""
-        verified = {id(s.seq) for s in sched.scheduled if s.samples}
-        for seq in (*sched.preempted, *self.scheduler.running):
-            if seq.num_spec and id(seq) not in verified:
-                assert seq.num_computed_tokens < seq.num_tokens - seq.num_spec, "proposals partly scheduled"
-                del seq.token_ids[-seq.num_spec:]
-                seq.num_spec = 0
-            # a draft model's cache: valid up to the tokens that stand; a preempted sequence's blocks are gone
-            seq.draft_computed = 0 if seq.num_computed_tokens == 0 else min(seq.draft_computed, seq.num_tokens)
-
-    def _verify(self, seq: Sequence, sampled, first: int) -> None:
-        """Rows first .. first + K of `sampled` drew the tokens of the positions of seq's K proposals and the one
-        after: keep the proposals up to the first that differs from its position's draw, emit the draws up to
-        there (the last one a correction, or the bonus when all K matched), and roll the cache back."""
-        k = seq.num_spec
-        proposals = seq.token_ids[-k:]
-        settle = getattr(self.proposer, "settle", None)
-        if settle is not None:  # the benchmark's OracleProposer decides which proposals the target drew
-            settle(seq, sampled.token_ids[first:first + k + 1])
-        del seq.token_ids[-k:]
-        seq.num_spec = 0
-        verified_from = seq.num_tokens  # positions from here held proposals in this step's forward
-        accepted = 0
-        for j in range(k + 1):
-            token = int(sampled.token_ids[first + j])
-            self._append_token(seq, sampled, first + j)
-            match = j < k and token == proposals[j]
-            accepted += match
-            if seq.is_finished or not match:
-                break
-        self.spec_stats.record(k, accepted)
-        self.gate.update(seq.seq_id, self._steps, k, accepted)
-        if not seq.is_finished:
-            seq.num_computed_tokens = seq.num_tokens - 1  # the last draw's K/V is not in the cache yet
-            seq.draft_computed = min(seq.draft_computed, seq.num_computed_tokens)
-            self.block_manager.rollback(seq, verified_from)
+    @property
+    def spec_stats(self) -> SpecDecodeStats:
+        return SpecDecodeStats() if self.speculator is None else self.speculator.stats
 
     def _add_placeholder(self, seq: Sequence, row: int) -> None:
         """A token for `seq` is in flight: hold its place so the next step can be scheduled, unless the
@@ -416,10 +335,10 @@ class LLMEngine:
                      ", ".join(request_ids), exc_info=cause)
         return EngineStepError(request_ids, cause)
 
-    def _sampling_tensors(self, seqs: list[Sequence], masks: bool = True) -> SamplingTensors:
+    def _sampling_tensors(self, seqs: list[Sequence], masks: bool = True, landed=None) -> SamplingTensors:
         """A row per sampled position: a sequence with K proposals has K + 1, row j seeing the first j proposals
         as output (penalty history, min_tokens, the sampler's step counter), as it would without speculation.
-        masks: the grammars' token masks too (else they come later, from _token_mask)."""
+        masks: the grammars' token masks too (else they come later, from _land), those `landed` started if any."""
         rows = []
         for seq in seqs:
             p = seq.params
@@ -431,29 +350,11 @@ class LLMEngine:
                     eos = () if p.ignore_eos or seq.grammar is not None else tuple(self.eos_token_ids)
                     banned = tuple(p.stop_token_ids or ()) + eos
                 rows.append((p, seq.prompt_token_ids, outputs, seq.seed, banned))
-        return SamplingTensors.build(rows, self.model_config.vocab_size, self._token_mask(seqs) if masks else None)
+        constrained = masks and any(seq.grammar is not None for seq in seqs)
+        mask = None if not constrained else landed.masks_for(seqs) if landed else self.grammar_compiler.batch_mask(seqs)
+        return SamplingTensors.build(rows, self.model_config.vocab_size, mask)
 
-    def _token_mask(self, seqs: list[Sequence]) -> np.ndarray | None:
-        """The grammar bitmask of every sampling row of `seqs` (all ones where unconstrained, and for a sequence
-        that has just finished: its row is wasted), None when no row has one. A grammar's sequence has one row."""
-        constrained, grammars, num_rows = [], [], 0
-        for seq in seqs:
-            if seq.grammar is not None and not seq.is_finished:
-                constrained.append(num_rows)
-                grammars.append(seq.grammar)
-            num_rows += seq.num_spec + 1
-        if not grammars:
-            return None
-        compiler = self.grammar_compiler
-        masks = np.empty((len(grammars), compiler.mask_words), np.int32)
-        compiler.fill_masks(grammars, masks)
-        if len(constrained) == num_rows:
-            return masks
-        mask = np.full((num_rows, compiler.mask_words), -1, np.int32)
-        mask[constrained] = masks
-        return mask
-
-    def _append_token(self, seq: Sequence, sampled, row: int) -> None:
+    def _append_token(self, seq: Sequence, sampled, row: int, grammar_ended: bool | None = None) -> None:
         token = int(sampled.token_ids[row])
         if seq.pending_row >= 0:  # the placeholder this token was scheduled under
             seq.token_ids[-1] = token
@@ -471,7 +372,8 @@ class LLMEngine:
         p = seq.params
         state = self.requests[seq.request_id].states[seq.index]
         # a grammar that is complete (only EOS could follow) or refused the token ends the sequence
-        grammar_done = seq.grammar is not None and (not seq.grammar.accept(token) or seq.grammar.done)
+        grammar_done = grammar_ended if grammar_ended is not None else \
+            seq.grammar is not None and (not seq.grammar.accept(token) or seq.grammar.done)
         past_min = seq.num_output_tokens >= p.min_tokens
         stop = state.append(seq, token, check_stops=past_min)
         if past_min and not p.ignore_eos and token in self.eos_token_ids:
@@ -520,9 +422,9 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         """The engine's state for /metrics. Safe from another thread (the event loop): queue lengths and counters,
         read without a lock; the spec-decode counters are copied."""
-        sched, spec = self.scheduler, None
-        if self.spec is not None:
-            spec = replace(self.spec_stats, accepted_per_pos=list(self.spec_stats.accepted_per_pos))
+        sched, spec, speculator = self.scheduler, None, self.speculator
+        if speculator is not None:
+            spec = replace(speculator.stats, accepted_per_pos=list(speculator.stats.accepted_per_pos))
         return EngineStats(len(sched.running), len(sched.waiting), float(self.block_manager.usage),
                            int(sched.num_preemptions), spec)
 

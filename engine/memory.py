@@ -12,6 +12,13 @@ from ops.metadata import AttentionMetadata
 logger = logging.getLogger(__name__)
 
 
+def paged_cache(backend, c, num_blocks: int, block_size: int, dtype=None):
+    """One allocation for all layers of model config `c`, [layers, k/v, blocks, Hkv, block_size, D], and each layer's
+    (K, V) views."""
+    cache = backend.zeros((c.num_hidden_layers, 2, num_blocks, c.num_key_value_heads, block_size, c.head_dim), dtype)
+    return cache, [(cache[i, 0], cache[i, 1]) for i in range(c.num_hidden_layers)]
+
+
 def cache_bytes_per_block(c, block_size: int, itemsize: int) -> int:
     """K and V of one block in every layer of model config `c`."""
     return 2 * c.num_hidden_layers * c.num_key_value_heads * block_size * c.head_dim * itemsize

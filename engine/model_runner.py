@@ -14,7 +14,8 @@ from itertools import chain
 
 import numpy as np
 
-from engine.config import EngineConfig, ModelConfig
+from engine.config import ConfigError, EngineConfig, ModelConfig
+from engine.memory import paged_cache
 from engine.models.llama import LlamaModel, expected_shapes
 from engine.scheduler import ScheduledSeq, SchedulerOutput
 from engine.sequence import Sequence
@@ -42,16 +43,41 @@ class PromptLogprobs:
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, backend, weights):
-        self.config = model_config
+    def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, backend, weights, tp=None,
+                 ranks=None):
+        """tp: this rank's TensorParallel when the runner is a tensor-parallel worker; ranks: the workers' commands
+        (tp_runner.RankCommands) when it is rank 0 of several. engine/tp_runner.py builds both (rank_zero_runner)."""
+        self.ranks = ranks  # what each step sends the workers first
+        if ranks is not None:
+            tp = ranks.group.tp
+        try:
+            self._build(model_config, engine_config, backend, weights, tp)
+            if self.ranks is not None:
+                self.ranks.group.ready()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing without them)."""
+        if self.ranks is not None:
+            self.ranks.group.close()
+
+    def _build(self, model_config: ModelConfig, engine_config: EngineConfig, backend, weights, tp) -> None:
+        self.tp = tp
+        self.config = tp.rank_config(model_config) if tp is not None else model_config  # this rank's shapes
         self.backend = backend
+        problem = backend.unsupported(self.config)
+        if problem:  # before any weight moves; every rank finds the same, and __init__ stops the others
+            part = f" (one rank's part of {tp.world})" if tp is not None else ""
+            raise ConfigError(f"the {backend.name} backend cannot run this model{part}: {problem}")
         self.block_size = engine_config.cache.block_size
         self.max_model_len = engine_config.scheduler.max_model_len
         self.stage_times: dict[str, float] = {}
         t0 = time.perf_counter()
         weights.check(expected_shapes(model_config))
-        self.model = LlamaModel(model_config, backend, self.max_model_len)
-        with _fetcher(weights, backend) as fetch:
+        self.model = LlamaModel(self.config, backend, self.max_model_len, tp)
+        with _fetcher(weights, backend, model_config, tp) as fetch:
             self.model.load_weights(fetch)
         if "fp8" in (engine_config.quantization, model_config.quantization):
             self.model.quantize_linears(backend.quantize_weight)
@@ -62,12 +88,19 @@ class ModelRunner:
         self.stage_times["weights"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.num_blocks = engine_config.cache.num_blocks or self._auto_num_blocks(engine_config)
-        c = model_config
+        if tp is not None:  # every rank the same blocks: the fewest any rank's memory holds
+            mine = backend.from_host(np.array([self.num_blocks], np.float32))
+            self.num_blocks = int(backend.to_host(tp.comm.all_gather(mine)).min())
+        if self.num_blocks * self.block_size < self.max_model_len:  # raised here: __init__ then stops the ranks
+            raise ConfigError(f"the KV cache holds {self.num_blocks} blocks ({self.num_blocks * self.block_size} "
+                              f"tokens), fewer than one sequence of max_model_len {self.max_model_len}; "
+                              "lower max_model_len or give the cache more memory")
+        c = self.config
         if engine_config.kv_cache_dtype == "auto":
-            self.kv_cache, self.kv_caches = _paged_cache(backend, c, self.num_blocks, self.block_size)
+            self.kv_cache, self.kv_caches = paged_cache(backend, c, self.num_blocks, self.block_size)
         else:  # E4M3 codes, a byte an element: a quarter of the numpy backend's float32, half of fp16
             from ops.quant import Fp8Cache
-            self.kv_cache, _ = _paged_cache(backend, c, self.num_blocks, self.block_size, np.uint8)
+            self.kv_cache, _ = paged_cache(backend, c, self.num_blocks, self.block_size, np.uint8)
             self.kv_caches = [tuple(Fp8Cache(self.kv_cache[i, j],
                                              backend.from_host(_kv_scale(weights, i, "kv"[j], c.num_key_value_heads)))
                                     for j in range(2)) for i in range(c.num_hidden_layers)]
@@ -84,7 +117,7 @@ class ModelRunner:
         if backend.captures_graphs and not engine_config.enforce_eager:
             from graphs.manager import DecodeGraphs, capture_sizes
             t0 = time.perf_counter()
-            backend.prepare_decode(model_config, capture_sizes(engine_config.scheduler.max_num_seqs),
+            backend.prepare_decode(self.config, capture_sizes(engine_config.scheduler.max_num_seqs),
                                    self.max_model_len, fp8=self.model.fp8)
             self.stage_times["GEMM tuning"] = time.perf_counter() - t0
             self.graphs = DecodeGraphs(self.model, self.kv_caches, engine_config.scheduler.max_num_seqs,
@@ -187,6 +220,8 @@ class ModelRunner:
         self.prompt_logprobs = []
         spans = self._prompt_logprob_spans(sched)
         if not spans and self._replays(len(input_ids), meta.max_query_len):  # every decode row samples
+            if self.ranks is not None:  # the other ranks replay their graph of the same size
+                self.ranks.replay(input_ids, positions, meta)
             return self.graphs.run(input_ids, positions, meta, sampling, src, defer, late_mask)
         if not spans and self._verifies(sched):  # every row of a verify step samples too
             return self.verify_graphs.run(input_ids, positions, meta, sampling)
@@ -194,6 +229,8 @@ class ModelRunner:
             if meta.max_query_len != 1 or self._last_sampled is None:
                 raise RuntimeError("a placeholder token outside a decode step that follows a deferred one")
             input_ids = np.where(src >= 0, self._last_sampled[np.maximum(src, 0)], input_ids).astype(np.int32)
+        if self.ranks is not None:  # the other ranks run the same step on their shards
+            self.ranks.forward(input_ids, positions, meta)
         hidden = self.model.forward(*self.upload(input_ids, positions, meta), self.kv_caches)
         if spans:
             self.prompt_logprobs = self._prompt_logprobs(hidden, meta, spans)
@@ -201,14 +238,21 @@ class ModelRunner:
                 for i, s in enumerate(sched.scheduled) for j in range(s.num_sampled_rows)]
         if not rows:
             return None
-        logits = self.model.compute_logits(hidden[b.from_host(np.asarray(rows, np.int32))])
+        logits = self._logits(hidden, np.asarray(rows, np.int32))
         if late_mask is not None:
             sampling = replace(sampling, token_mask=late_mask())
         out = b.sample(logits, sampling)
         if defer and b.host_results and meta.max_query_len == 1 and sampling.ids_only:
             self._last_sampled = out.token_ids
-            return DeferredSample(lambda: out)
+            return DeferredSample(lambda: out, lambda: True)
         return out
+
+    def _logits(self, hidden, rows: np.ndarray):
+        """The whole vocabulary's logits of the forward's rows `rows` (tensor parallel: every rank computes its
+        slice, all-gathered)."""
+        if self.ranks is not None:
+            self.ranks.logits(rows)
+        return self.model.compute_logits(hidden[self.backend.from_host(rows)])
 
     @staticmethod
     def _prompt_logprob_spans(sched: SchedulerOutput) -> list[tuple[int, ScheduledSeq, int]]:
@@ -238,7 +282,7 @@ class ModelRunner:
         parts = []
         for lo in range(0, len(rows), PROMPT_LOGPROB_ROWS):
             r = rows[lo:lo + PROMPT_LOGPROB_ROWS]
-            logits = self.model.compute_logits(hidden[b.from_host(r)]).astype(np.float32, copy=False)
+            logits = self._logits(hidden, r).astype(np.float32, copy=False)
             logits -= logits.max(axis=1, keepdims=True)
             logits -= xp.log(xp.exp(logits).sum(axis=1, keepdims=True))  # now logprobs
             token = logits[xp.arange(len(r)), b.from_host(targets[lo:lo + PROMPT_LOGPROB_ROWS])]
@@ -265,7 +309,6 @@ class DraftModel:
     own that the target's block tables index (same blocks, same slots), so the block manager serves both."""
 
     def __init__(self, path: str, engine_config: EngineConfig, backend, target: ModelConfig, max_model_len: int):
-        from engine.config import ConfigError
         from engine.loader import CheckpointWeights, DummyWeights, resolve_model_path
         path = resolve_model_path(path)
         self.config = c = ModelConfig.from_pretrained(path)
@@ -287,13 +330,7 @@ class DraftModel:
         return cache_bytes_per_block(self.config, block_size, np.dtype(self.backend.dtype).itemsize)
 
     def allocate_cache(self, num_blocks: int, block_size: int) -> None:
-        _, self.kv_caches = _paged_cache(self.backend, self.config, num_blocks, block_size)
-
-
-def _paged_cache(backend, c: ModelConfig, num_blocks: int, block_size: int, dtype=None):
-    """One allocation for all layers, [layers, k/v, blocks, Hkv, block_size, D], and each layer's (K, V) views."""
-    cache = backend.zeros((c.num_hidden_layers, 2, num_blocks, c.num_key_value_heads, block_size, c.head_dim), dtype)
-    return cache, [(cache[i, 0], cache[i, 1]) for i in range(c.num_hidden_layers)]
+        _, self.kv_caches = paged_cache(self.backend, self.config, num_blocks, block_size)
 
 
 def _kv_scale(weights, layer: int, which: str, num_kv_heads: int) -> np.ndarray:
@@ -309,11 +346,19 @@ def _kv_scale(weights, layer: int, which: str, num_kv_heads: int) -> np.ndarray:
     return np.broadcast_to(scale, (num_kv_heads,)).astype(np.float32)
 
 
-def _fetcher(weights, backend):
+def _fetcher(weights, backend, c: ModelConfig | None = None, tp=None):
     """A context giving fetch(*names) -> backend array (several names: merged along the first axis):
     generated on the backend for dummy weights, else the backend's checkpoint loader (on the GPU: pinned
-    staging and async copies, see ops/cuda/upload.py)."""
+    staging and async copies, see ops/cuda/upload.py). With tp, rank tp.rank's shard of each tensor of the model
+    of config `c`: a dummy tensor generated whole on the backend and sliced there (the same bits as unsharded), a
+    checkpoint's read on the host, sliced, then uploaded."""
     from engine.loader import DummyWeights
+    if tp is not None:
+        from engine.parallel import sharded_fetch
+        if isinstance(weights, DummyWeights):
+            return contextlib.nullcontext(sharded_fetch(lambda name: backend.random_weight(*weights.spec(name)), c,
+                                                        tp, lambda a: a, backend.xp))
+        return contextlib.nullcontext(sharded_fetch(weights.get, c, tp, backend.weight))
     if isinstance(weights, DummyWeights):
         return contextlib.nullcontext(merging(lambda name: backend.random_weight(*weights.spec(name)), backend.xp))
     return backend.weight_loader(weights)

@@ -113,3 +113,22 @@ class SequenceOutputState:
             logprobs = seq.logprobs[self.sent_logprobs:]
             self.sent_logprobs = len(seq.logprobs)
         return CompletionOutput(seq.index, text, out_ids, logprobs, seq.finish_reason, seq.stop_reason)
+
+
+def collect_prompt_logprobs(parts, requests: dict) -> None:
+    """Append what a step computed (ModelRunner.prompt_logprobs: `parts`) to the prompt logprobs of each request of
+    `requests` (LLMEngine's). Each choice computes its positions in order from the first (such requests take no
+    prefix-cache hits); positions already known (another choice's, or recomputed after a preemption) are dropped."""
+    for part in parts:
+        req = requests.get(part.seq.request_id)
+        if req is None or req.prompt_logprobs is None:
+            continue
+        have = req.prompt_logprobs
+        if part.first > len(have):
+            raise RuntimeError(f"prompt logprobs of request {req.request_id} from token {part.first} while "
+                               f"{len(have)} are known: a prompt position was skipped")
+        tokens = part.seq.token_ids
+        for j in range(len(have) - part.first, len(part.logprobs)):
+            top = [] if part.top_ids is None else [(int(i), float(v)) for i, v in
+                                                   zip(part.top_ids[j], part.top_logprobs[j])]
+            have.append((tokens[part.first + j], float(part.logprobs[j]), int(part.ranks[j]), top))

@@ -18,9 +18,12 @@ speculation is not just distributed as the target's: it is identical, greedy or 
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from engine.config import ConfigError
 
 
 class NgramProposer:
@@ -191,3 +194,117 @@ class AcceptanceGate:
     def forget(self, seq_id: int) -> None:
         self.rate.pop(seq_id, None)
         self.paused_until.pop(seq_id, None)
+
+
+def build_proposer(spec, runner, block_manager, num_layers: int):
+    """The proposer of `spec` (a SpeculativeConfig) for the target of `runner`; ConfigError where it cannot run."""
+    if spec.method == "self_draft":
+        if not spec.draft_layers < num_layers:
+            raise ConfigError(f"speculative_config draft_layers {spec.draft_layers} must be fewer than the "
+                              f"model's {num_layers} layers")
+        return GreedyDraftProposer(runner, block_manager, runner.model, runner.kv_caches, spec.draft_layers)
+    if spec.method == "draft_model":
+        if block_manager.window:
+            raise ConfigError("speculative_config method draft_model: the target has sliding-window attention, so its "
+                              "blocks outside the window are released, and a draft model reads the same block tables; "
+                              "use ngram or self_draft with this model")
+        if runner.draft is None:
+            raise ConfigError("speculative_config method draft_model: the engine was built without its draft "
+                              "(give the speculative config when the engine is made)")
+        return GreedyDraftProposer(runner, block_manager, runner.draft.model, runner.draft.kv_caches, own_cache=True)
+    return NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_max, spec.prompt_lookup_min)
+
+
+class Speculator:
+    """The engine's speculative decoding: before a step, proposals appended to the running sequences' tokens; after
+    it, each verified against its rows' draws (the rule above). Owns the proposer, the gate, the counters and the
+    step count the gate reads; the engine hands it the scheduler and block manager it shares, and its per-token
+    append (LLMEngine._append_token: stop checks, detokenizing) for the tokens a verify emits.
+
+    One step ahead stays on: a step that may propose lands the step in flight first (may_propose), and a verify step
+    is never deferred; steps where every sequence's proposals are paused run ahead as without speculation."""
+
+    def __init__(self, spec, proposer, gate: AcceptanceGate, scheduler, block_manager, max_model_len: int,
+                 max_num_batched_tokens: int):
+        self.spec, self.proposer, self.gate = spec, proposer, gate
+        self.scheduler, self.block_manager = scheduler, block_manager
+        self.max_model_len, self.max_num_batched_tokens = max_model_len, max_num_batched_tokens
+        self.stats = SpecDecodeStats()
+        self.steps = 0  # propose() calls: the gate's clock
+
+    def may_propose(self) -> bool:
+        """Whether the next propose() could propose for some running sequence (its gate open, no grammar, a batch
+        small enough): then the ids in flight must land first."""
+        running, step = self.scheduler.running, self.steps + 1
+        return 0 < len(running) <= self.spec.disable_by_batch_size and any(
+            seq.grammar is None and self.gate.allows(seq.seq_id, step) for seq in running)
+
+    def propose(self) -> None:
+        """Proposals for the running sequences in plain decode, when the batch is small enough to gain."""
+        spec, running = self.spec, self.scheduler.running
+        self.steps += 1
+        if not running or len(running) > spec.disable_by_batch_size:
+            return
+        t0 = time.perf_counter()
+        # The running sequences are scheduled first and whole while the budget lasts: keep every proposal inside
+        # it, so that no step computes a proposal without the rows that verify it.
+        room = self.max_num_batched_tokens - sum(s.num_tokens - s.num_computed_tokens for s in running)
+        wants = []
+        for seq in running:
+            if seq.num_computed_tokens != seq.num_tokens - 1 or seq.pending_row >= 0 or seq.grammar is not None \
+                    or not self.gate.allows(seq.seq_id, self.steps):
+                continue
+            k = min(spec.num_speculative_tokens, self.max_model_len - seq.num_tokens - 1, room)
+            if seq.params.max_tokens is not None:
+                k = min(k, seq.params.max_tokens - seq.num_output_tokens - 1)
+            if k > 0:
+                wants.append((seq, k))
+                room -= k
+        batch = getattr(self.proposer, "propose_batch", None)  # a draft model drafts for the batch at once
+        proposals = batch(wants) if batch else [self.proposer.propose(seq.token_ids, k) for seq, k in wants]
+        for (seq, k), proposal in zip(wants, proposals):
+            if proposal:  # a short one filled up to k (the verify graphs take k a sequence): more to accept, or not
+                proposal = proposal + [proposal[-1]] * (k - len(proposal))
+                seq.token_ids.extend(proposal)
+                seq.num_spec = len(proposal)
+        self.stats.draft_seconds += time.perf_counter() - t0
+
+    def drop_unscheduled(self, sched) -> None:
+        """Preempted sequences start over without their proposals (no step ever computes them partly: proposals
+        are made only where the whole batch's fit the token budget)."""
+        verified = {id(s.seq) for s in sched.scheduled if s.samples}
+        for seq in (*sched.preempted, *self.scheduler.running):
+            if seq.num_spec and id(seq) not in verified:
+                assert seq.num_computed_tokens < seq.num_tokens - seq.num_spec, "proposals partly scheduled"
+                del seq.token_ids[-seq.num_spec:]
+                seq.num_spec = 0
+            # a draft model's cache: valid up to the tokens that stand; a preempted sequence's blocks are gone
+            seq.draft_computed = 0 if seq.num_computed_tokens == 0 else min(seq.draft_computed, seq.num_tokens)
+
+    def verify(self, seq, sampled, first: int, append) -> None:
+        """Rows first .. first + K of `sampled` drew the tokens of the positions of seq's K proposals and the one
+        after: keep the proposals up to the first that differs from its position's draw, emit the draws up to
+        there with append(seq, sampled, row) (the last one a correction, or the bonus when all K matched), and roll
+        the cache back."""
+        k = seq.num_spec
+        proposals = seq.token_ids[-k:]
+        settle = getattr(self.proposer, "settle", None)
+        if settle is not None:  # the benchmark's OracleProposer decides which proposals the target drew
+            settle(seq, sampled.token_ids[first:first + k + 1])
+        del seq.token_ids[-k:]
+        seq.num_spec = 0
+        verified_from = seq.num_tokens  # positions from here held proposals in this step's forward
+        accepted = 0
+        for j in range(k + 1):
+            token = int(sampled.token_ids[first + j])
+            append(seq, sampled, first + j)
+            match = j < k and token == proposals[j]
+            accepted += match
+            if seq.is_finished or not match:
+                break
+        self.stats.record(k, accepted)
+        self.gate.update(seq.seq_id, self.steps, k, accepted)
+        if not seq.is_finished:
+            seq.num_computed_tokens = seq.num_tokens - 1  # the last draw's K/V is not in the cache yet
+            seq.draft_computed = min(seq.draft_computed, seq.num_computed_tokens)
+            self.block_manager.rollback(seq, verified_from)

@@ -1,44 +1,54 @@
-"""Tensor parallelism across processes (issue #15), on the numpy backend: one process per rank, rank 0 in the
-caller's process. What a GPU run will keep: the worker loop, the step broadcast through shared memory (no
-pickling on the hot path), failure handling; what it will swap: the collectives (NCCL, ops/cuda/nccl.py, for
-SharedGroup) and the backend.
+"""Tensor parallelism across processes (issue #15): one process per rank, rank 0 in the caller's process (the
+engine's, where the scheduler runs), ranks 1.. spawned. The same for both backends: the worker loop, the step
+commands through shared memory (no pickling on the hot path), failure handling. What differs: the collectives
+(SharedGroup's shared-memory slots on the numpy backend, NCCL on CUDA, ops/cuda/nccl.py) and, on CUDA, each
+worker's GPU (device = rank).
 
 Every step, rank 0 writes one command into a shared int32 buffer (the step's ids, positions and attention
 metadata packed, or the rows to compute logits of), all ranks meet at a barrier, and each runs the same model
-code on its shard; the collectives inside meet at the same barrier. Each wait has a timeout, and rank 0 checks
-its workers are alive before it waits: a rank that dies makes the others raise RankFailedError (naming the rank
-and its exit code) instead of hanging, and close() leaves no process behind. A worker whose rank 0 disappeared
-exits at its next wait.
+code on its shard; on the numpy backend the collectives inside meet at the same barrier. Each wait has a timeout,
+rank 0 checks its workers are alive while it waits, and a watcher thread on rank 0 notices a dead worker at once
+even while the engine idles: a rank that dies makes the others raise RankFailedError (naming the rank and its exit
+code) instead of hanging, and close() leaves no process behind. A worker whose rank 0 disappeared exits at its
+next wait.
+
+What a rank builds is a picklable spec with build(tp) -> an object whose run(op, words) executes one command:
+ModelRank here (a checkpoint's model alone: TPGroup, the low-level tests), engine/tp_runner.RunnerRank for the
+engine (a whole ModelRunner on the rank's shard).
 """
 from __future__ import annotations
 
+import atexit
 import math
 import multiprocessing as mp
 import os
+import signal
+import threading
 import time
-from multiprocessing import shared_memory
+from multiprocessing import connection, shared_memory
 
 import numpy as np
 
 from engine.config import ModelConfig
+from engine.errors import FatalEngineError
 from engine.parallel import TensorParallel, sharded_fetch
 from ops.metadata import AttentionMetadata
 
-FORWARD, LOGITS, STOP = 1, 2, 3
-STARTUP_TIMEOUT = 300.0  # seconds for every rank to load its shard
+FORWARD, LOGITS, STOP, REPLAY = 1, 2, 3, 4  # REPLAY: a decode graph's step (CUDA), packed as FORWARD
+STARTUP_TIMEOUT = 300.0  # seconds for every rank to load its shard (and, on CUDA, capture its graphs)
 
 
-class RankFailedError(RuntimeError):
+class RankFailedError(FatalEngineError):
     """A tensor-parallel rank stopped; the ranks left cannot go on (every collective needs all of them)."""
 
 
 class SharedGroup:
-    """A Communicator over processes: slots of float32 [world, capacity] in shared memory, and a barrier made of
-    one counter per rank in shared memory (a rank waits until every counter reaches its own). Not
+    """A barrier over processes, and on the numpy backend their Communicator: slots of float32 [world, capacity]
+    in shared memory, and one counter per rank (a rank waits until every counter reaches its own). Not
     multiprocessing.Barrier: its Condition waits for every sleeper to acknowledge a wake-up, so a rank killed while
     waiting would hang the others. Here a dead rank is a counter that stops moving: the waits time out, rank 0
     names it (check), and its abort word sends the workers home. Loads and stores of aligned int64 and the store
-    order of x86 make the counters safe; this is the CPU test harness, NCCL takes over on GPUs."""
+    order of x86 make the counters safe."""
 
     def __init__(self, world: int, rank: int, slots: np.ndarray, counters: np.ndarray, timeout: float, check=None):
         self.world, self.rank, self.slots, self.counters, self.timeout = world, rank, slots, counters, timeout
@@ -47,6 +57,14 @@ class SharedGroup:
 
     def abort(self) -> None:
         self.counters[self.world] = 1
+
+    def _aborted(self) -> None:
+        if self.check is not None:  # rank 0: name the rank that stopped, once its process is seen to be gone
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                self.check()
+                time.sleep(0.01)
+        raise RankFailedError(f"rank {self.rank}: the tensor-parallel group was aborted (a rank stopped)")
 
     def wait(self, timeout: float | None = None) -> None:
         """Until every rank has come this far; `timeout` (default the group's) bounds it, inf waits for ever (a
@@ -58,7 +76,7 @@ class SharedGroup:
         spins = 0
         while int(self.counters[:self.world].min()) < self.generation:
             if self.counters[self.world]:
-                raise RankFailedError(f"rank {self.rank}: the tensor-parallel group was aborted (a rank stopped)")
+                self._aborted()
             spins += 1
             if spins > 1000:  # past a short spin, yield the core and look after the other ranks
                 time.sleep(0.0002)
@@ -112,138 +130,216 @@ class _Shared:
                 b.unlink()
 
 
-def _pack(ids, positions, meta: AttentionMetadata) -> np.ndarray:
+def command_words(max_tokens: int, max_seqs: int, max_blocks: int) -> int:
+    """The command buffer a step of up to these sizes needs (pack_step's layout)."""
+    return 7 + 4 * max_tokens + 2 * max_seqs + 1 + max_seqs * max_blocks
+
+
+def pack_step(op: int, ids, positions, meta: AttentionMetadata) -> np.ndarray:
+    """[words, op, T, B, width, max_query_len, max_seq_len, ids, positions, query_start_loc, seq_lens, block
+    tables, slots] as int32: one copy into shared memory, read back by unpack_step."""
     tables = np.asarray(meta.block_tables, np.int32)
-    head = [FORWARD, len(ids), len(meta.seq_lens), tables.shape[1], meta.max_query_len, meta.max_seq_len]
-    return np.concatenate([np.array(head, np.int32), ids, positions, meta.query_start_loc, meta.seq_lens,
-                           tables.ravel(), meta.slot_mapping]).astype(np.int32)
+    parts = [np.asarray(a, np.int32).ravel() for a in (ids, positions, meta.query_start_loc, meta.seq_lens, tables,
+                                                       meta.slot_mapping)]
+    head = [0, op, len(ids), len(meta.seq_lens), tables.shape[1], meta.max_query_len, meta.max_seq_len]
+    words = np.concatenate([np.array(head, np.int32), *parts])
+    words[0] = len(words)
+    return words
 
 
-def _unpack(words: np.ndarray):
-    t, b, width, max_q, max_s = (int(v) for v in words[1:6])
-    at = 6
-    parts = []
+def unpack_step(words: np.ndarray):
+    t, b, width, max_q, max_s = (int(v) for v in words[2:7])
+    at, parts = 7, []
     for n in (t, t, b + 1, b, b * width, t):
-        parts.append(words[at:at + n].copy())
+        parts.append(words[at:at + n])
         at += n
     ids, positions, qsl, seq_lens, tables, slots = parts
     return ids, positions, AttentionMetadata(qsl, seq_lens, tables.reshape(b, width), slots, max_q, max_s)
 
 
-def _rank_model(path: str, tp: TensorParallel, max_positions: int, num_blocks: int, block_size: int):
-    from engine.loader import CheckpointWeights
-    from engine.model_runner import _paged_cache
-    from engine.models.llama import LlamaModel
-    from ops.backend import NumpyBackend
-
-    c = ModelConfig.from_pretrained(path)
-    backend = NumpyBackend()
-    model = LlamaModel(tp.rank_config(c), backend, max_positions, tp)
-    weights = CheckpointWeights(path)
-    with backend.weight_loader(weights) as fetch:
-        model.load_weights(sharded_fetch(fetch, c, tp, np.asarray))
-    weights.close()
-    _, caches = _paged_cache(backend, model.config, num_blocks, block_size)
-    return model, caches
+def pack_rows(rows: np.ndarray) -> np.ndarray:
+    rows = np.asarray(rows, np.int32)
+    return np.concatenate([np.array([2 + len(rows), LOGITS], np.int32), rows])
 
 
-def _worker(rank: int, world: int, path: str, names, capacity: int, command_words: int, timeout: float,
-            max_positions: int, num_blocks: int, block_size: int) -> None:
-    shared = _Shared(world, capacity, command_words, names)
+class ModelRank:
+    """A rank's spec for TPGroup: the checkpoint's model on the numpy backend, its shard, a paged KV cache."""
+
+    def __init__(self, path: str, max_positions: int, num_blocks: int, block_size: int):
+        self.path, self.max_positions, self.num_blocks, self.block_size = path, max_positions, num_blocks, block_size
+
+    def build(self, tp: TensorParallel) -> "ModelRank":
+        from engine.loader import CheckpointWeights
+        from engine.memory import paged_cache
+        from engine.models.llama import LlamaModel
+        from ops.backend import NumpyBackend
+
+        c = ModelConfig.from_pretrained(self.path)
+        backend = NumpyBackend()
+        self.model = LlamaModel(tp.rank_config(c), backend, self.max_positions, tp)
+        weights = CheckpointWeights(self.path)
+        with backend.weight_loader(weights) as fetch:
+            self.model.load_weights(sharded_fetch(fetch, c, tp, np.asarray))
+        weights.close()
+        _, self.caches = paged_cache(backend, self.model.config, self.num_blocks, self.block_size)
+        return self
+
+    def run(self, op: int, words: np.ndarray):
+        if op == FORWARD:
+            self.hidden = self.model.forward(*unpack_step(words), self.caches)
+            return self.hidden
+        if op == LOGITS:
+            return self.model.compute_logits(self.hidden[words[2:]])
+        raise ValueError(f"unknown tensor-parallel command {op}")
+
+
+def _worker(rank: int, world: int, names, capacity: int, words: int, timeout: float, spec, nccl_uid) -> None:
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off, before NCCL loads
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: rank 0 decides
+    shared = _Shared(world, capacity, words, names)
     parent = os.getppid()
 
     def check():  # rank 0's process is gone (its pid was reparented away): nobody will ever command again
         if os.getppid() != parent:
             raise RankFailedError(f"rank {rank}: rank 0 (pid {parent}) is gone")
-    tp = TensorParallel(rank, world, SharedGroup(world, rank, shared.slots, shared.counters, timeout, check))
-    hidden = None
+    channel = SharedGroup(world, rank, shared.slots, shared.counters, STARTUP_TIMEOUT, check)
     try:
-        model, caches = _rank_model(path, tp, max_positions, num_blocks, block_size)
-        tp.comm.wait(timeout=STARTUP_TIMEOUT)  # loaded: TPGroup() returns once every rank is
+        comm = channel
+        if nccl_uid is not None:  # CUDA: this rank's GPU, then its NCCL communicator (rank 0 made the id)
+            import cupy
+
+            from ops.cuda.nccl import NcclGroup
+            cupy.cuda.Device(rank).use()
+            comm = NcclGroup(world, rank, nccl_uid)
+        state = spec.build(TensorParallel(rank, world, comm))
+        channel.wait()  # loaded: RankGroup.ready() returns once every rank is
+        channel.timeout = timeout
         while True:
-            tp.comm.wait(timeout=math.inf)  # the next command is written (a server may idle for hours)
-            words = shared.command
-            op = int(words[0])
+            channel.wait(timeout=math.inf)  # the next command is written (a server may idle for hours)
+            op = int(shared.command[1])
             if op == STOP:
                 return
-            if op == FORWARD:
-                ids, positions, meta = _unpack(words)
-                tp.comm.wait()  # every rank has read it: rank 0 may write the next
-                hidden = model.forward(ids, positions, meta, caches)
-            elif op == LOGITS:
-                rows = words[2:2 + int(words[1])].copy()
-                tp.comm.wait()
-                model.compute_logits(hidden[rows])
+            command = shared.command[:int(shared.command[0])].copy()
+            channel.wait()  # every rank has read it: rank 0 may write the next
+            state.run(op, command)
     except RankFailedError:
         return  # rank 0 or another worker is gone: exit, leave nothing behind
+    except BaseException:
+        channel.abort()  # rank 0 stops waiting for this rank; the traceback goes to stderr
+        raise
     finally:
         shared.close(unlink=False)
 
 
-class TPGroup:
-    """Rank 0 of a `world`-rank tensor-parallel model in this process, ranks 1.. as worker processes.
+class RankGroup:
+    """Rank 0's side of a `world`-rank group: starts ranks 1.. (each builds `spec` on its shard), gives rank 0 its
+    TensorParallel (self.tp), sends the step commands, and watches the workers.
 
-    forward() and compute_logits() are the model's, run on every rank; close() stops the workers (also after a
-    failure). A dead worker turns the next call into RankFailedError."""
+    device "cuda": worker r uses GPU r, every rank's communicator is NCCL (the unique id goes to the workers with
+    their start-up arguments) and SharedGroup carries only the commands. on_failure(error), when set, is called
+    from the watcher thread when a worker dies outside close()."""
 
-    def __init__(self, path: str, world: int, max_positions: int = 2048, num_blocks: int = 64, block_size: int = 16,
-                 capacity: int = 1 << 20, command_words: int = 1 << 16, timeout: float = 30.0):
-        TensorParallel(0, world, None).check(ModelConfig.from_pretrained(path))  # before any process starts
+    def __init__(self, world: int, spec, device: str = "numpy", capacity: int = 1 << 20, words: int = 1 << 16,
+                 timeout: float = 30.0):
         ctx = mp.get_context("spawn")  # no fork of a process that may hold threads (the server's, pytest's)
-        self.shared = _Shared(world, capacity, command_words)
+        self.world, self.timeout, self.closed, self.failure, self.on_failure = world, timeout, False, None, None
+        uid = None
+        if device == "cuda":
+            os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # inherited by every worker
+            from ops.cuda import nccl
+            uid = nccl.unique_id()
+            capacity = 1  # collectives go through NCCL
+        self.shared = _Shared(world, capacity, words)
         self.workers = [ctx.Process(target=_worker, name=f"cupyllm-tp-rank{r}", daemon=True,
-                                    args=(r, world, path, self.shared.names, capacity, command_words,
-                                          timeout, max_positions, num_blocks, block_size))
+                                    args=(r, world, self.shared.names, capacity, words, timeout, spec, uid))
                         for r in range(1, world)]
-        for w in self.workers:
-            w.start()
-        comm = SharedGroup(world, 0, self.shared.slots, self.shared.counters, timeout, check=self._check_workers)
-        self.tp = TensorParallel(0, world, comm)
-        self.closed = False
+        self._stop_r, self._stop_w = os.pipe()
+        self.channel = SharedGroup(world, 0, self.shared.slots, self.shared.counters, STARTUP_TIMEOUT,
+                                   check=self._check_workers)
         try:
-            self.model, self.caches = _rank_model(path, self.tp, max_positions, num_blocks, block_size)
-            self.tp.comm.wait(timeout=STARTUP_TIMEOUT)  # every worker has loaded its shard
+            for w in self.workers:
+                w.start()
+            comm = self.channel
+            if uid is not None:
+                from ops.cuda.nccl import NcclGroup
+                comm = NcclGroup(world, 0, uid)  # returns once every worker has joined
         except BaseException:
             self.close()
             raise
+        self.tp = TensorParallel(0, world, comm)
+        self._watcher = threading.Thread(target=self._watch, name="cupyllm-tp-watch", daemon=True)
+        self._watcher.start()
+        atexit.register(self.close)  # before multiprocessing's own exit handler, which only terminates them
 
-    def _check_workers(self) -> None:
+    @property
+    def pids(self) -> list[int]:
+        return [w.pid for w in self.workers]
+
+    def ready(self) -> None:
+        """Wait until every worker has built its rank; from then on a step's waits use the step timeout."""
+        self.channel.wait()
+        self.channel.timeout = self.timeout
+
+    def _dead_worker(self) -> RankFailedError | None:
         for rank, w in enumerate(self.workers, 1):
             if not w.is_alive():
-                self.tp.comm.abort()  # the other workers stop waiting and exit
-                raise RankFailedError(f"tensor-parallel rank {rank} (pid {w.pid}) stopped with exit code "
-                                      f"{w.exitcode}; the model cannot run without it")
+                how = f", killed by {signal.Signals(-w.exitcode).name}" if w.exitcode and w.exitcode < 0 else ""
+                return RankFailedError(f"tensor-parallel rank {rank} (pid {w.pid}) stopped with exit code "
+                                       f"{w.exitcode}{how}; the model cannot run without it")
+        return None
 
-    def _command(self, words: np.ndarray) -> None:
+    def _check_workers(self) -> None:
+        if self.failure is None:
+            self.failure = self._dead_worker()
+        if self.failure is not None:
+            self.channel.abort()  # the other workers stop waiting and exit
+            raise RankFailedError(str(self.failure))
+
+    def _watch(self) -> None:
+        """A worker's end (its sentinel) outside close(): record it, abort the group (rank 0's waits and, on CUDA,
+        its NCCL calls return), tell on_failure."""
+        ready = connection.wait([w.sentinel for w in self.workers] + [self._stop_r])
+        if self._stop_r in ready or self.closed:
+            return
+        for w in self.workers:
+            w.join(0.5)  # the one that ended gets its exit code
+            if not w.is_alive():
+                break
+        self.failure = self.failure or self._dead_worker()
+        if self.failure is None:
+            return
+        self.channel.abort()
+        if self.tp.comm is not self.channel:
+            self.tp.comm.abort()
+        if self.on_failure is not None:
+            self.on_failure(RankFailedError(str(self.failure)))
+
+    def command(self, words: np.ndarray) -> None:
+        """Every worker runs command `words` (pack_step, pack_rows); returns once they have read it."""
+        if self.failure is not None:
+            raise RankFailedError(str(self.failure))
         if len(words) > len(self.shared.command):
             raise ValueError(f"a step of {len(words)} words exceeds the command buffer of {len(self.shared.command)}")
         self.shared.command[:len(words)] = words
-        self.tp.comm.wait()  # the workers read it
-        self.tp.comm.wait()  # and have: the buffer is free again
-
-    def forward(self, ids: np.ndarray, positions: np.ndarray, meta: AttentionMetadata):
-        self._command(_pack(np.asarray(ids, np.int32), np.asarray(positions, np.int32), meta))
-        self.hidden = self.model.forward(ids, positions, meta, self.caches)
-        return self.hidden
-
-    def compute_logits(self, rows: np.ndarray) -> np.ndarray:
-        """Logits of the last forward's rows `rows`, the whole vocabulary."""
-        rows = np.asarray(rows, np.int32)
-        self._command(np.concatenate([np.array([LOGITS, len(rows)], np.int32), rows]))
-        return self.model.compute_logits(self.hidden[rows])
+        self.channel.wait()  # the workers read it
+        self.channel.wait()  # and have: the buffer is free again
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop every worker: STOP when they can hear it, else terminate, then kill; free the shared memory."""
         if self.closed:
             return
         self.closed = True
-        if all(w.is_alive() for w in self.workers):
+        atexit.unregister(self.close)
+        os.write(self._stop_w, b"x")
+        if self.failure is None and all(w.is_alive() for w in self.workers):
             try:
-                self.shared.command[0] = STOP
-                self.tp.comm.wait()
+                self.shared.command[1] = STOP
+                self.channel.wait(timeout=timeout)
             except RankFailedError:
                 pass
         for w in self.workers:
+            if w.pid is None:  # never started
+                continue
             w.join(timeout)
             if w.is_alive():
                 w.terminate()
@@ -251,6 +347,11 @@ class TPGroup:
             if w.is_alive():
                 w.kill()
                 w.join()
+        watcher = getattr(self, "_watcher", None)
+        if watcher is not None:
+            watcher.join(timeout)
+        os.close(self._stop_r)
+        os.close(self._stop_w)
         self.shared.close(unlink=True)
 
     def __enter__(self):
@@ -258,3 +359,31 @@ class TPGroup:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class TPGroup(RankGroup):
+    """Rank 0 of a `world`-rank tensor-parallel model of a checkpoint in this process (numpy backend), ranks 1.. as
+    worker processes. forward() and compute_logits() are the model's, run on every rank."""
+
+    def __init__(self, path: str, world: int, max_positions: int = 2048, num_blocks: int = 64, block_size: int = 16,
+                 capacity: int = 1 << 20, command_words: int = 1 << 16, timeout: float = 30.0):
+        TensorParallel(0, world, None).check(ModelConfig.from_pretrained(path))  # before any process starts
+        spec = ModelRank(path, max_positions, num_blocks, block_size)
+        super().__init__(world, spec, "numpy", capacity, command_words, timeout)
+        try:
+            self.rank0 = spec.build(self.tp)
+            self.ready()
+        except BaseException:
+            self.close()
+            raise
+
+    def forward(self, ids: np.ndarray, positions: np.ndarray, meta: AttentionMetadata):
+        words = pack_step(FORWARD, ids, positions, meta)
+        self.command(words)
+        return self.rank0.run(FORWARD, words)
+
+    def compute_logits(self, rows: np.ndarray) -> np.ndarray:
+        """Logits of the last forward's rows `rows`, the whole vocabulary."""
+        words = pack_rows(rows)
+        self.command(words)
+        return self.rank0.run(LOGITS, words)

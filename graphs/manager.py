@@ -23,6 +23,10 @@ One step ahead: every graph writes its sampled ids to one device buffer, `sample
 (ops/kernels/step_inputs.cu) takes a row's input id from there when the host marks it (src >= 0). So the
 engine can launch step t+1 before step t's ids reach the host; run(..., defer=True) returns a
 DeferredSample whose ids come back by an async copy the host waits for later.
+
+Tensor parallelism (engine/tp_runner.py): each rank captures the same graphs on its shard, the collectives
+(NCCL, on the capturing stream) inside them; rank 0's graph broadcasts its input ids after unpacking them, and a
+worker stages the same packed inputs and launches the same size (replay).
 """
 from __future__ import annotations
 
@@ -109,6 +113,9 @@ class DecodeGraphs:
         self._unpack((-(-self.max_blocks // 128), size), (128,),
                      (self.packed, np.int32(size), np.int32(self._rows), self.sampled, self.block_tables,
                       np.int32(self.max_blocks)))
+        tp = getattr(self.model, "tp", None)
+        if tp is not None and tp.world > 1:  # only rank 0's device has the ids its last step sampled
+            tp.comm.broadcast(self.input_ids[:t])
         hidden = self.model.forward(self.input_ids[:t], self.positions[:t], self._meta(size), self.kv_caches)
         logits = self.model.compute_logits(hidden)
         self.backend.sample_into(logits, self.sampling_buffers, self.sampled[:t])
@@ -197,7 +204,15 @@ class DecodeGraphs:
         def wait() -> SamplerOutput:
             done.synchronize()
             return SamplerOutput(host[:n].copy(), None, None, None)
-        return DeferredSample(wait)
+        return DeferredSample(wait, lambda: done.done)
+
+    def replay(self, input_ids: np.ndarray, positions: np.ndarray, meta: AttentionMetadata) -> None:
+        """A tensor-parallel worker's decode step: the same inputs and graph as rank 0's run(), no sampling of its
+        own to load or read (its graph's ids come from rank 0's broadcast; what it samples is never read)."""
+        size = padded_size(self.sizes, len(meta.seq_lens))
+        stream = self.cp.cuda.get_current_stream()
+        self._stage(input_ids, positions, meta, None, size, stream)
+        self.graphs[size].launch(stream)
 
     def time_replay(self, n: int, context: int, iters: int = 50) -> float:
         """GPU milliseconds of one replay for n rows at `context` tokens each, on the block tables the last

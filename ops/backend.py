@@ -31,6 +31,11 @@ class NumpyBackend:
         self.dtype_name = "float32"
         self.dtype = np.dtype(np.float32)
 
+    def unsupported(self, config) -> str | None:
+        """Why this backend cannot run a model of `config`'s shapes (one rank's, under tensor parallelism), or
+        None. The numpy backend runs every shape."""
+        return None
+
     # memory
     def empty(self, shape, dtype=None):
         return np.empty(shape, dtype=dtype or self.dtype)
@@ -77,6 +82,7 @@ class NumpyBackend:
     silu_and_mul = staticmethod(reference.silu_and_mul)
     rope_and_cache = staticmethod(reference.rope_and_cache)
     attention = staticmethod(reference.attention)
+    moe = staticmethod(reference.moe)
     sample = staticmethod(sampling.sample)
 
 

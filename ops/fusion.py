@@ -10,6 +10,9 @@ Kinds of op and what they fuse with:
              roles, a block structure rows do not share; a run of them is the one template jit_ops._rope_cache.
   gemm       cuBLASLt; a following `bias` op is absorbed by its epilogue (CUBLASLT_EPILOGUE_BIAS).
   attention  the hand tensor-core kernel (ops/kernels/attention.cu).
+  moe        a sparse layer's MLP (ops/cuda/moe.py): router GEMM, routing, grouped GEMMs, combine, one op here (8
+             launches on the GPU, 12 with Qwen2-MoE's shared expert); its experts' bytes are those of the experts
+             T tokens are expected to touch, and it moves its expert rows (gate/up, activation, output) twice.
 A GEMM/attention ends a group: the language has no matrix-multiply primitive, and fusing a norm into a GEMV
 prologue did not beat cuBLASLt when measured (docs/jit.md).
 
@@ -24,7 +27,7 @@ from typing import Callable
 from ops import jit
 from ops.jit import BlockSpec
 
-ROW, HEAD, GEMM, ATTENTION, BIAS = "row", "head", "gemm", "attention", "bias"
+ROW, HEAD, GEMM, ATTENTION, BIAS, MOE = "row", "head", "gemm", "attention", "bias", "moe"
 
 
 @dataclass(frozen=True)
@@ -38,9 +41,14 @@ class Buffer:
     kept: bool = False  # outlives the layer (the residual, the KV cache): always stored
     cache: bool = False
     itemsize: int = 0  # 0: the model's dtype
+    experts: int = 0  # > 0: `experts` stacked weights of rows x width, each token reading `picks` of them
+    picks: int = 0
 
     def nbytes(self, tokens: int, itemsize: int, context: int = 1) -> int:
         size = self.itemsize or itemsize
+        if self.weight and self.experts:  # the experts T tokens touch, on average, routed uniformly
+            touched = self.experts * (1 - (1 - self.picks / self.experts) ** tokens)
+            return round(touched * self.rows * self.width * size)
         if self.weight:
             return self.rows * self.width * size
         return (context if self.cache else 1) * tokens * self.width * size

@@ -72,9 +72,14 @@ def philox_row_words(seed: int, step: int, vocab_size: int) -> np.ndarray:
     return raw.view("<u4")[:vocab_size]  # x86 and arm64 are little-endian: low half first
 
 
-def neg_exponentials(words: np.ndarray) -> np.ndarray:
-    """-E for words w, float32; negated so the race is one argmin and saves two passes over the vocab."""
-    r = words.astype(np.float32)
+def neg_exponentials(words: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """-E for words w, float32 (into `out` when given); negated so the race is one argmin and saves two passes
+    over the vocab."""
+    if out is None:
+        r = words.astype(np.float32)
+    else:
+        r = out
+        np.copyto(r, words, casting="unsafe")  # the same rounding as astype
     r *= np.float32(-(2.0 ** -32))
     r -= np.float32(2.0 ** -33)
     np.maximum(r, np.float32(-1 + 2.0 ** -24), out=r)

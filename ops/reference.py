@@ -153,3 +153,44 @@ def _llama3_inv_freq(inv_freq: np.ndarray, s) -> np.ndarray:
     blended = (1 - smooth) * scaled / s.factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return np.where(medium, blended, scaled)
+
+
+def moe_route(logits: np.ndarray, top_k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The experts a token goes to and their weights, from the router's logits [T, E]: softmax in float32, the top_k
+    probabilities (largest first; ties to the lower expert), renormalised to sum 1 when `normalize`.
+    Returns (ids int32 [T, top_k], weights float32 [T, top_k])."""
+    z = logits.astype(np.float32)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    ids = np.argsort(-p, axis=1, kind="stable")[:, :top_k].astype(np.int32)
+    w = np.take_along_axis(p, ids, axis=1)
+    if normalize:
+        w /= w.sum(axis=1, keepdims=True)
+    return ids, w
+
+
+def moe(x: np.ndarray, router: np.ndarray, gate_up: np.ndarray, down: np.ndarray, top_k: int, normalize: bool,
+        out: np.ndarray, shared: tuple | None = None) -> None:
+    """A mixture-of-experts MLP. x: [T, H]; router: [E, H]; gate_up: [E, 2I, H] (gate rows, then up); down: [E, H, I];
+    out: [T, H] = sum over each token's top_k experts of weight x down_e(silu(gate_e x) * up_e x), plus, with
+    `shared` = (gate_up [2S, H], down [H, S], gate [1, H]), sigmoid(gate x) x the shared expert's MLP of x."""
+    ids, w = moe_route(x @ router.T, top_k, normalize)
+    moe_experts(x, ids, w, gate_up, down, out, shared)
+
+
+def moe_experts(x: np.ndarray, ids: np.ndarray, w: np.ndarray, gate_up: np.ndarray, down: np.ndarray,
+                out: np.ndarray, shared: tuple | None = None) -> None:
+    """moe's experts for a routing already made (ids, weights [T, top_k], as moe_route returns them)."""
+    out[...] = 0
+    inter = down.shape[2]
+    for e in np.unique(ids):
+        rows, slot = np.nonzero(ids == e)
+        h = np.empty((len(rows), inter), x.dtype)
+        silu_and_mul(x[rows] @ gate_up[e].T, h)
+        np.add.at(out, rows, (h @ down[e].T) * w[rows, slot, None].astype(x.dtype))
+    if shared is not None:
+        s_gate_up, s_down, s_gate = shared
+        h = np.empty((x.shape[0], s_down.shape[1]), x.dtype)
+        silu_and_mul(x @ s_gate_up.T, h)
+        gate = 1.0 / (1.0 + np.exp(-(x @ s_gate.T)))
+        out += gate * (h @ s_down.T)

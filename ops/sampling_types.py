@@ -18,15 +18,19 @@ class SamplerOutput:
 
 
 class DeferredSample:
-    """A launched step's sampled ids, still on their way to the host: result() waits for them."""
+    """A launched step's sampled ids, still on their way to the host: result() waits for them; ready() says, without
+    waiting, whether they are there (False where the backend cannot tell)."""
 
-    __slots__ = ("_wait",)
+    __slots__ = ("_wait", "_ready")
 
-    def __init__(self, wait):
-        self._wait = wait
+    def __init__(self, wait, ready=None):
+        self._wait, self._ready = wait, ready
 
     def result(self) -> SamplerOutput:
         return self._wait()
+
+    def ready(self) -> bool:
+        return self._ready is not None and bool(self._ready())
 
 
 _ROW_FIELDS = (("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32), ("min_p", np.float32),

@@ -5,8 +5,10 @@ median with perf/baseline_cpu.json; exit 1 when one is slower than its margin al
     python perf/check_regression.py --save --runs 10 # measure: medians and each benchmark's margin
 
 Times are CPU time of the benchmark process (pytest-benchmark's timer = time.process_time), so time spent
-waiting for a core that other work holds does not count; extra work a change adds does. How the margins
-were chosen from measured run-to-run spread: docs/performance.md.
+waiting for a core that other work holds does not count; extra work a change adds does. A core that runs
+slower (a busy SMT sibling, a slower host clock) does count: perf/speed_probe times a fixed workload before
+and after each benchmark, and a benchmark's ratio is divided by how much slower than beside its baseline the
+probe ran (never by less than 1). How the margins were chosen from measured spread: docs/performance.md.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 BASELINE = REPO / "perf" / "baseline_cpu.json"
@@ -38,15 +41,21 @@ def margin_from_spread(ratios: list[float]) -> float:
     return max(MIN_MARGIN, math.ceil(20 * 2 * (q90 - 1) - 1e-9) / 20)
 
 
-def run_suite(node_ids: list[str] | None = None) -> tuple[dict[str, float], float]:
-    """Median CPU seconds per benchmark (pytest node id) from one pytest-benchmark run, and how many cores
-    other processes kept busy meanwhile, on average (the noise this run saw)."""
+class Run(NamedTuple):
+    medians: dict[str, float]  # CPU seconds per benchmark (pytest node id)
+    probes: dict[str, float]  # perf/speed_probe's seconds around each benchmark (mean of before and after)
+    foreign: float  # how many cores other processes kept busy meanwhile, on average (the noise it saw)
+
+
+def run_suite(node_ids: list[str] | None = None) -> Run:
+    """One pytest-benchmark run of the suites (or of `node_ids`)."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "bench.json")
+        out, probe_out = os.path.join(tmp, "bench.json"), os.path.join(tmp, "probe.json")
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-enable",
                f"--benchmark-json={out}", "--benchmark-max-time=0.5", "--benchmark-min-rounds=7",
                "--benchmark-timer=time.process_time", *(node_ids or ["perf"])]
-        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}  # one thread, as served
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",  # one thread, as served
+               "CUPYLLM_SPEED_PROBE": probe_out}  # perf/conftest.py
         t0, busy0, own0 = time.perf_counter(), busy_seconds(), children_cpu_seconds()
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         foreign = (busy_seconds() - busy0 - (children_cpu_seconds() - own0)) / (time.perf_counter() - t0)
@@ -55,7 +64,10 @@ def run_suite(node_ids: list[str] | None = None) -> tuple[dict[str, float], floa
             raise SystemExit(f"benchmark run failed (pytest exit status {proc.returncode})")
         with open(out) as f:
             data = json.load(f)
-    return {b["fullname"]: b["stats"]["median"] for b in data["benchmarks"]}, max(0.0, foreign)
+        with open(probe_out) as f:
+            probes = {name: statistics.mean(around) for name, around in json.load(f).items()}
+    medians = {b["fullname"]: b["stats"]["median"] for b in data["benchmarks"]}
+    return Run(medians, {name: probes[name] for name in medians}, max(0.0, foreign))
 
 
 def busy_seconds() -> float:
@@ -82,34 +94,52 @@ def machine() -> dict:
             "numpy": numpy.__version__}
 
 
-def baseline_from_runs(runs: list[dict[str, float]], note: str) -> dict:
-    """The baseline file's content: per benchmark the median of the runs' medians and its margin."""
-    names = sorted({name for run in runs for name in run})
-    medians = {n: statistics.median(run[n] for run in runs if n in run) for n in names}
-    margins = {n: margin_from_spread([run[n] / medians[n] for run in runs if n in run]) for n in names}
+def slowdowns(run: Run, medians: dict[str, float], probes: dict[str, float]) -> dict[str, float]:
+    """Per benchmark of `run` with a baseline: its median over the baseline's, divided by how much slower the
+    machine ran beside it than beside the baseline (the probe's ratio, at least 1: a faster moment tightens
+    nothing). A baseline without probes (written before them) divides by 1."""
+    out = {}
+    for name, seconds in run.medians.items():
+        if name in medians:
+            machine_factor = run.probes[name] / probes[name] if name in probes else 1.0
+            out[name] = seconds / medians[name] / max(1.0, machine_factor)
+    return out
+
+
+def baseline_from_runs(runs: list[Run], note: str) -> dict:
+    """The baseline file's content: per benchmark the median of the runs' medians, the median of the probes
+    beside it, and its margin from the spread of the runs' slowdowns."""
+    names = sorted({name for run in runs for name in run.medians})
+    medians = {n: statistics.median(run.medians[n] for run in runs if n in run.medians) for n in names}
+    probes = {n: statistics.median(run.probes[n] for run in runs if n in run.probes) for n in names}
+    ratios = [slowdowns(run, medians, probes) for run in runs]
+    margins = {n: margin_from_spread([r[n] for r in ratios if n in r]) for n in names}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
     return {"note": note, "date": datetime.date.today().isoformat(), "commit": commit, "machine": machine(),
-            "medians": {n: float(f"{v:.4g}") for n, v in medians.items()}, "margins": margins}
+            "medians": {n: float(f"{v:.4g}") for n, v in medians.items()},
+            "probes": {n: float(f"{v:.4g}") for n, v in probes.items()}, "margins": margins}
 
 
 def save(runs: int, path: Path) -> None:
     results = []
     for i in range(runs):
-        result, foreign = run_suite()
-        results.append(result)
-        print(f"run {i + 1}/{runs} done; other processes kept {foreign:.2f} cores busy")
+        results.append(run_suite())
+        print(f"run {i + 1}/{runs} done; other processes kept {results[-1].foreign:.2f} cores busy")
     baseline = baseline_from_runs(results, f"medians of {runs} runs (CPU seconds) and margins from their "
                                            "spread; written by perf/check_regression.py --save")
     path.write_text(json.dumps(baseline, indent=1) + "\n")
     print(f"wrote {len(baseline['medians'])} baselines to {path}")
 
 
-def compare(baseline: dict[str, float], margins: dict[str, float], current: dict[str, float]) -> list[str]:
-    """Print one line per benchmark; return the names slower than baseline * (1 + margin)."""
+def compare(baseline: dict[str, float], margins: dict[str, float], current: dict[str, float],
+            ratios: dict[str, float]) -> list[str]:
+    """Print one line per benchmark (`ratios`: its slowdown, the machine's taken out); return the names whose
+    slowdown is over 1 + margin."""
     slow = []
     width = max(len(name.split("/")[-1]) for name in current | baseline)
-    print(f"{'benchmark':<{width}} {'baseline':>9} {'now':>9} {'ratio':>6} {'allowed':>7}")
+    print(f"{'benchmark':<{width}} {'baseline':>9} {'now':>9} {'ratio':>6} {'machine':>7} {'slowdown':>8} "
+          f"{'allowed':>7}")
     for name in sorted(current | baseline):
         short = name.split("/")[-1]
         if name not in current:
@@ -118,9 +148,9 @@ def compare(baseline: dict[str, float], margins: dict[str, float], current: dict
             print(f"{short:<{width}} {'none':>9} {fmt(current[name]):>9}   no baseline yet: add it with --save")
         else:
             ratio, allowed = current[name] / baseline[name], 1 + margins[name]
-            flag = "  SLOWER" if ratio > allowed else ""
+            flag = "  SLOWER" if ratios[name] > allowed else ""
             print(f"{short:<{width}} {fmt(baseline[name]):>9} {fmt(current[name]):>9} {ratio:6.2f} "
-                  f"{allowed:7.2f}{flag}")
+                  f"{ratio / ratios[name]:7.2f} {ratios[name]:8.2f} {allowed:7.2f}{flag}")
             if flag:
                 slow.append(name)
     return slow
@@ -138,24 +168,29 @@ def check(path: Path, min_margin: float, attempts: int) -> int:
         print(f"no baseline at {path}: nothing to compare (write one with --save)")
         return 0
     saved = json.loads(path.read_text())
-    baseline = saved["medians"]
+    baseline, probes = saved["medians"], saved.get("probes", {})
     margins = {n: max(min_margin, saved.get("margins", {}).get(n, min_margin)) for n in baseline}
     if saved.get("machine") != machine():
         print(f"note: the baseline was measured on {saved.get('machine')}; this is {machine()}")
     t0 = time.perf_counter()
-    current, foreign = run_suite()
-    print(f"other processes kept {foreign:.2f} cores busy during the run")
-    slow = compare(baseline, margins, current)
+    run = run_suite()
+    print(f"other processes kept {run.foreign:.2f} cores busy during the run")
+    current, ratios = run.medians, slowdowns(run, baseline, probes)
+    slow = compare(baseline, margins, current, ratios)
     for _ in range(attempts - 1):
         if not slow:
             break
         # A neighbour slows a run down for a while; a second and third look at the flagged cases, keeping
         # each one's fastest median, separates that from a change that made the code slower.
         print(f"\n{len(slow)} over the margin; running them again")
-        again, foreign = run_suite(slow)
-        print(f"other processes kept {foreign:.2f} cores busy during the re-run")
-        current = {name: min(current[name], again.get(name, current[name])) for name in slow}
-        slow = compare({name: baseline[name] for name in slow}, margins, current)
+        again = run_suite(slow)
+        print(f"other processes kept {again.foreign:.2f} cores busy during the re-run")
+        again_ratios = slowdowns(again, baseline, probes)
+        for name in slow:  # each benchmark's best attempt counts
+            if again_ratios.get(name, math.inf) < ratios[name]:
+                ratios[name], current[name] = again_ratios[name], again.medians[name]
+        current, ratios = {name: current[name] for name in slow}, {name: ratios[name] for name in slow}
+        slow = compare({name: baseline[name] for name in slow}, margins, current, ratios)
     took = time.perf_counter() - t0
     if slow:
         print(f"\nFAIL ({took:.0f} s): {len(slow)} benchmark(s) slower than {path.name} allows, in {attempts} runs:"

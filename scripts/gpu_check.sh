@@ -17,6 +17,9 @@
 #   specbench  issue #14: the acceptance-controlled benchmark and the verify cost curve -> $OUT/spec.{jsonl,log}
 #   structured  issue #16: tests/gpu/test_token_mask.py, the host's mask cost and the engine benchmark at N = 1, 16
 #          plain and with a JSON schema on every request (7B shape, stand-in 152K tokenizer) -> $OUT/structured.*
+#   moe    issue #18's mixtures of experts: tests/gpu/test_moe_gpu.py, the MoE checkpoints of test_engine_gpu.py, then
+#          the engine benchmark on Qwen3-30B-A3B's shape (dummy weights, bf16, 32 in / 128 out, N = 1, 16, 64)
+#          -> $OUT/moe_tests.log, $OUT/moe.{jsonl,log}. About 4 minutes.
 #   newgpu tests/gpu written without a GPU: sliding-window attention and engine parity, NCCL -> $OUT/newgpu_tests.log
 #   fp8bench  issues #13, #12: the engine benchmark (N = 1..256, 32 in / 512 out) fp16, fp8 weights, fp8 weights and
 #          KV, then the KV blocks at a 32K context fp16 and fp8 -> $OUT/engine.{jsonl,log}. About 5 minutes.
@@ -36,8 +39,8 @@ status=0
 [[ $what == all ]] && what=tests,bench,serve
 for mode in ${what//,/ }; do
   case $mode in
-    tests | bench | serve | jit | fp8 | fp8bench | spec | specbench | structured | newgpu) ;;
-    *) echo "usage: $0 [all|tests|bench|serve|jit|fp8|fp8bench|spec|specbench|structured|newgpu][,more modes] [pytest -k expression]" >&2
+    tests | bench | serve | jit | fp8 | fp8bench | spec | specbench | structured | newgpu | moe) ;;
+    *) echo "usage: $0 [all|tests|bench|serve|jit|fp8|fp8bench|spec|specbench|structured|newgpu|moe][,more modes] [pytest -k expression]" >&2
        exit 2 ;;
   esac
 done
@@ -119,6 +122,19 @@ if want newgpu; then  # this session's new GPU tests: sliding-window kernels and
   timeout 300 python3 -m pytest -q -rfE --tb=short tests/gpu/test_attention.py tests/gpu/test_engine_gpu.py \
     tests/gpu/test_nccl.py -k "sliding or window or nccl or single_rank" > "$OUT/newgpu_tests.log" 2>&1 || status=1
   grep -E "^FAILED|^E |passed|failed" "$OUT/newgpu_tests.log" | tail -20
+  # tensor parallelism over two GPUs (skips on one); a hung NCCL call ends at the timeout
+  timeout 600 python3 -m pytest -q -rfEs --tb=short tests/gpu/test_tp_gpu.py > "$OUT/tp_gpu_tests.log" 2>&1 || status=1
+  grep -E "^FAILED|^E |^SKIPPED|passed|failed|skipped" "$OUT/tp_gpu_tests.log" | tail -20
+fi
+
+if want moe; then  # issue #18: the MoE kernels and checkpoints, then Qwen3-30B-A3B's shape
+  timeout 200 python3 -m pytest -q -rfE -s --tb=short tests/gpu/test_moe_gpu.py > "$OUT/moe_tests.log" 2>&1 || status=1
+  timeout 200 python3 -m pytest -q -rfE --tb=short tests/gpu/test_engine_gpu.py -k "moe or mixtral" \
+    >> "$OUT/moe_tests.log" 2>&1 || status=1
+  grep -E "^FAILED|^E |passed|failed|tiles of" "$OUT/moe_tests.log" | tail -30
+  timeout 240 python3 -m api.cli benchmark --model perf/configs/qwen3-30b-a3b --load-format dummy --dtype bfloat16 \
+    --input-len 32 --output-len 128 --max-model-len 1024 --n 1,16,64 --json "$OUT/moe.jsonl" 2>&1 | grep -E "^N=|weights|ready|memory|KV" \
+    | tee "$OUT/moe.log"
 fi
 
 if want structured; then  # issue #16: the mask kernel's tests, then N = 1, 16 with a JSON schema each

@@ -6,7 +6,7 @@ so the lowering is checked where there is no GPU (tests/test_jit_host.py holds i
 How it runs. The generated source (lower.generate) is prefixed with HOST_PRELUDE, which defines the CUDA pieces
 the lowering emits (__global__, __shared__ as `static`, __ldg, uint4/uint2, bit casts, rsqrtf, shuffles,
 __syncthreads, threadIdx, ...) for a host compiler, and suffixed with a wrapper that calls the kernel from a
-`void **` argument list; lower.PRELUDE's PTX conversions have integer host versions under #ifndef __CUDA_ARCH__.
+`void **` argument list; prelude.PRELUDE's PTX conversions have integer host versions under #ifndef __CUDA_ARCH__.
 Each source is compiled once (g++ -O1 -shared -fPIC) into a .so cached by the SHA-256 of what was compiled, in
 memory and on disk (CUPYLLM_HOST_CUDA_CACHE, default $TMPDIR/cupyllm-host-cuda-<uid>). `run_source` runs any
 CUDA C kernel of that shape (tests/test_jit_host.py checks the emulator itself with a hand-written one).
@@ -103,6 +103,8 @@ static inline float __uint_as_float(unsigned u) { float f; __builtin_memcpy(&f, 
 static inline float __int_as_float(int u) { float f; __builtin_memcpy(&f, &u, 4); return f; }
 static inline unsigned __float_as_uint(float f) { unsigned u; __builtin_memcpy(&u, &f, 4); return u; }
 static inline int __float_as_int(float f) { int u; __builtin_memcpy(&u, &f, 4); return u; }
+// threads switch only at barriers, so a read-modify-write is atomic as it stands
+static inline int atomicAdd(int *p, int v) { int old = *p; *p = old + v; return old; }
 static inline float rsqrtf(float x) { return 1.f / sqrtf(x); }  // the interpreter's 1/sqrt (the GPU's is ~1 ulp off)
 static inline float __fdividef(float a, float b) { return a / b; }
 static inline float __saturatef(float x) { return x > 0.f ? (x < 1.f ? x : 1.f) : 0.f; }

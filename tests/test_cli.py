@@ -49,11 +49,19 @@ def test_flags_map_onto_engine_config():
             for flag in ((), ("--async-scheduling",), ("--no-async-scheduling",))] == [None, True, False]
 
 
+def test_tensor_parallel_size_reaches_the_engine():
+    assert [cli.engine_config(serve_args(*flag)).tensor_parallel_size
+            for flag in ((), ("--tensor-parallel-size", "2"), ("-tp", "4"))] == [1, 2, 4]
+
+
+def test_a_tensor_parallel_size_the_model_does_not_split_over_fails_at_start_up(capsys):
+    code, err = run_main(capsys, "serve", "--device", "numpy", "-tp", "3")  # the demo model: 4 heads
+    assert code == 1 and "over 3 ranks needs num_attention_heads divisible by 3; it is 4" in err, err
+
+
 @pytest.mark.parametrize("argv,field,message", [
     (["--quantization", "fp8"], "quantization", "--quantization fp8 is not supported yet"),
     (["--kv-cache-dtype", "fp8"], "kv_cache_dtype", "--kv-cache-dtype fp8 is not supported yet"),
-    (["--tensor-parallel-size", "2"], "tensor_parallel_size", "--tensor-parallel-size 2 is not supported yet"),
-    (["-tp", "4"], "tensor_parallel_size", "--tensor-parallel-size 4 is not supported yet"),
     (["--block-size", "32"], "block_size", "--block-size 32 is not supported yet"),
     (["--generation-config", "/some/dir"], None, "--generation-config '/some/dir' is not supported yet"),
     (["--chat-template", "no/such/template.jinja"], None, "no such file"),

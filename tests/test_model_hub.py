@@ -13,15 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
+from huggingface_hub import constants, scan_cache_dir, try_to_load_from_cache
+from huggingface_hub.file_download import repo_folder_name
+from huggingface_hub.utils import RevisionNotFoundError, filter_repo_objects
 
 from engine.loader import HUB_FILES, HUB_IGNORED, ModelNotFoundError, resolve_model_path
-
-huggingface_hub = pytest.importorskip("huggingface_hub")
-from huggingface_hub import constants, scan_cache_dir, try_to_load_from_cache  # noqa: E402
-from huggingface_hub.file_download import repo_folder_name  # noqa: E402
-from huggingface_hub.utils import RevisionNotFoundError, filter_repo_objects  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40

@@ -11,7 +11,7 @@ import pytest
 from engine.config import ConfigError, EngineConfig, SpeculativeConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from engine.spec_decode import AcceptanceGate, NgramProposer, OracleProposer
+from engine.spec_decode import AcceptanceGate, NgramProposer, OracleProposer, Speculator
 from ops.sampling_types import DeferredSample
 from tests.conftest import VOCAB
 from tests.test_parity import _all_logits
@@ -159,7 +159,8 @@ def test_output_identical_when_proposals_are_partly_right(checkpoint, rng, param
     plain, spec = _engines(path)
     prompts = _prompts(rng)
     want = _outputs(plain, prompts, params)
-    spec.proposer = KnownContinuation({tuple(p): w[0] for p, w in zip(prompts, want)}, 0.6, int(rng.integers(1000)))
+    spec.enable_speculation(spec.spec, KnownContinuation({tuple(p): w[0] for p, w in zip(prompts, want)}, 0.6,
+                                                         int(rng.integers(1000))))
     assert_same_outputs(_outputs(spec, prompts, params), want)
     stats = spec.spec_stats
     print(f"{stats.num_drafts} drafts, acceptance {stats.acceptance_rate:.2f}, per position {stats.accepted_per_pos}")
@@ -269,7 +270,7 @@ def test_emitted_tokens_follow_the_target_distribution(checkpoint, monkeypatch):
         expected = sum(target(first) for first, _ in pairs)
         return _chi_square_p_value(counts, expected)
 
-    spec.proposer = FixedProposer(10)
+    spec.enable_speculation(spec.spec, FixedProposer(10))
     good = p_value(spec)
     stats = spec.spec_stats
     print(f"chi-square p-value {good:.3f}; {stats.num_drafts} drafts, acceptance {stats.acceptance_rate:.3f}")
@@ -278,17 +279,17 @@ def test_emitted_tokens_follow_the_target_distribution(checkpoint, monkeypatch):
 
     # The broken rule: on rejection, emit a fresh draw from p (which may be the rejected proposal again).
     wrong_rng = np.random.default_rng(0)
-    real_verify = LLMEngine._verify
+    real_verify = Speculator.verify
 
-    def wrong_verify(self, seq, sampled, first):
-        real_verify(self, seq, sampled, first)
+    def wrong_verify(self, seq, sampled, first, append):
+        real_verify(self, seq, sampled, first, append)
         at = seq.num_prompt_tokens + 1
         if seq.token_ids[at] != 10:  # rejected: the right rule keeps the draw, this one redraws
             seq.token_ids[at] = int(wrong_rng.choice(VOCAB, p=target(seq.token_ids[at - 1])))
 
-    monkeypatch.setattr(LLMEngine, "_verify", wrong_verify)
+    monkeypatch.setattr(Speculator, "verify", wrong_verify)
     _, broken = _engines(path)
-    broken.proposer = FixedProposer(10)
+    broken.enable_speculation(broken.spec, FixedProposer(10))
     bad = p_value(broken)
     print(f"broken rule: chi-square p-value {bad:.2e}")
     assert bad < 1e-3

@@ -4,6 +4,8 @@ temperature 1), one step ahead or not, n > 1, with no KV block left behind."""
 from __future__ import annotations
 
 import re
+import threading
+import time
 
 import jsonschema
 import numpy as np
@@ -13,12 +15,14 @@ import pytest
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams, StructuredOutputs
-from engine.structured import GrammarError
+from engine.structured import GrammarCompiler, GrammarError
 from ops.sampling import apply_token_mask, sample
 from ops.sampling_types import SamplingTensors
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
-          "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"type": "integer", "minimum": 0},
+          # age bounded: a random model at temperature 1 once wrote 100 digits and ran out of tokens (seed 2099997605)
+          "properties": {"name": {"type": "string", "maxLength": 6},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 99999},
                          "tags": {"type": "array", "maxItems": 2, "items": {"enum": ["red", "blue"]}}}}
 
 
@@ -243,3 +247,185 @@ def test_one_compilation_per_constraint(engine):
                  StructuredOutputs(json=dict(reversed(list(schema.items()))))):
         compiler.matcher(spec)
     assert compiler._templates.cache_info().misses == 1
+
+
+def _spy_masks(engine) -> dict:
+    """From now on, per sampled position (request number, choice, tokens so far): the mask row it sampled with (all
+    ones where unconstrained), late or not."""
+    seen, execute = {}, engine.runner.execute
+
+    def store(keys, mask):
+        for row, key in enumerate(keys):
+            seen[key] = np.full(engine.grammar_compiler.mask_words, -1, np.int32) if mask is None else mask[row].copy()
+
+    def spy(sched, sampling, defer=False, late_mask=None):
+        keys = [(s.seq.request_id.rsplit("-", 1)[1], s.seq.index, s.seq.num_tokens) for s in sched.scheduled
+                if s.samples]
+        if late_mask is None:
+            if sampling is not None:
+                store(keys, sampling.token_mask)
+            return execute(sched, sampling, defer)
+
+        def late():
+            mask = late_mask()
+            store(keys, mask)
+            return mask
+        return execute(sched, sampling, defer, late)
+    engine.runner.execute = spy
+    return seen
+
+
+def _ahead_against_sync(rng, monkeypatch, ids_ready: bool, max_num_seqs: int = 256, threads: int = 3):
+    """A synchronous engine and one running one step ahead (the numpy backend's ids are on the host at once; with
+    ids_ready False it says they are not, as a GPU would while the step runs), the same structured_batch, compilers of
+    `threads` templates. Returns (texts of each, the masks each position sampled with in each)."""
+    from engine import structured
+    from ops.sampling_types import DeferredSample
+    monkeypatch.setattr(structured, "MASK_THREADS", threads)
+    if not ids_ready:
+        monkeypatch.setattr(DeferredSample, "ready", lambda self: False)
+    sync, ahead = (LLMEngine(EngineConfig(device="numpy", max_model_len=256, seed=1, async_scheduling=a,
+                                          max_num_seqs=max_num_seqs)) for a in (False, True))
+    prompts, params, _ = structured_batch(sync.tokenizer, rng, per_form=3, n=2)
+    want, got = _spy_masks(sync), _spy_masks(ahead)
+    texts = [[[o.text for o in out.outputs] for out in engine.generate(prompts, params)] for engine in (sync, ahead)]
+    return texts, want, got
+
+
+@pytest.mark.parametrize("ids_ready, max_num_seqs", [(True, 256), (False, 256), (True, 6)],
+                         ids=["masks-before-scheduling", "masks-after-launch", "admissions-between"])
+def test_one_step_ahead_masks_are_the_synchronous_ones_computed_beside_the_landing(rng, monkeypatch, ids_ready,
+                                                                                   max_num_seqs):
+    """One step ahead, the masks are computed on a worker: where the step in flight's ids are on the host when the
+    next step begins, from before that step is scheduled (the engine's thread then schedules, builds the sampling
+    tensors, launches, detokenizes); else from when they land after the launch (the engine's thread detokenizes).
+    With few places in the batch, requests are admitted while others run: a step with a prefill lands the ids first
+    and samples with the masks started before it was scheduled (those of the new sequences computed then).
+    Either way every position samples with exactly the mask the synchronous engine used there (a mask computed before
+    the landed token reached its grammar, or for another step, differs), the engine's thread never touches a grammar
+    while the worker computes (the worker is slowed to make a race show), and that thread's work did overlap it."""
+    from engine import model_runner, outputs, scheduler, structured
+    engine_thread, busy, raced, overlapped, order = threading.get_ident(), [], [], set(), []
+    fill = structured.GrammarCompiler._fill_par
+
+    def slow_fill(self, grammars, out):
+        if threading.get_ident() == engine_thread:
+            return fill(self, grammars, out)
+        busy.append(True)
+        time.sleep(0.004)
+        fill(self, grammars, out)
+        busy.clear()
+
+    def watch(name, method):
+        def watched(*args, **kwargs):
+            if busy and threading.get_ident() == engine_thread:  # a grammar's use is a race, the rest overlap
+                (raced.append if name in ("accept", "done", "fill") else overlapped.add)(name)
+            order.append(name)
+            result = method(*args, **kwargs)
+            order.append(name + " done")
+            return result
+        return watched
+    monkeypatch.setattr(structured.GrammarCompiler, "_fill_par", slow_fill)
+    monkeypatch.setattr(structured.SequenceGrammar, "accept", watch("accept", structured.SequenceGrammar.accept))
+    monkeypatch.setattr(structured.SequenceGrammar, "done",
+                        property(watch("done", structured.SequenceGrammar.done.fget)))
+    monkeypatch.setattr(structured.GrammarCompiler, "fill_masks", watch("fill", structured.GrammarCompiler.fill_masks))
+    monkeypatch.setattr(structured.LandedGrammars, "__init__", watch("land", structured.LandedGrammars.__init__))
+    monkeypatch.setattr(outputs.SequenceOutputState, "append", watch("append", outputs.SequenceOutputState.append))
+    monkeypatch.setattr(scheduler.Scheduler, "schedule", watch("schedule", scheduler.Scheduler.schedule))
+    monkeypatch.setattr(model_runner.ModelRunner, "execute", watch("execute", model_runner.ModelRunner.execute))
+    monkeypatch.setattr(structured.LandedGrammars, "masks_for", watch("masks", structured.LandedGrammars.masks_for))
+    (texts, ahead_texts), want, got = _ahead_against_sync(rng, monkeypatch, ids_ready, max_num_seqs)
+    assert ahead_texts == texts
+    assert not raced, f"the engine's thread used a grammar while the worker computed masks: {raced[:5]}"
+    # a landing outside the forward's launch is one before the next step's scheduling, which then runs beside the
+    # worker; else the landing comes from the late mask, inside the launch
+    def outside_launch(name):
+        return [[e for e in order[:i] if e.startswith("execute")][-1] == "execute done"
+                for i, e in enumerate(order) if e == name]
+    early = outside_launch("land")
+    if ids_ready:
+        assert sum(early) > 10 and {"append", "schedule", "execute"} <= overlapped
+    else:
+        assert not any(early) and len(early) > 10 and "append" in overlapped
+    assert (sum(outside_launch("masks")) > 0) == (max_num_seqs < 256)  # a prefill step sampled with them
+    # the wasted rows of sequences that stopped on the landed token are ahead's alone
+    assert set(want) <= set(got) and len(want) > 100
+    wrong = [key for key in want if not np.array_equal(want[key], got[key])]
+    assert not wrong, f"{len(wrong)} of {len(want)} positions sampled with another mask, e.g. {wrong[:3]}"
+
+
+def test_the_mask_comparison_sees_a_mask_of_the_wrong_grammar_state(rng, monkeypatch):
+    """The check above fails where the masks come from the grammars before the landed token reached them."""
+    from engine import structured
+
+    def masks_first(self, compiler, seqs, sample, mask_seqs):
+        self.sampled, self._compiler, self.skip = sample.result(), compiler, frozenset()
+        self._pending = compiler.start_batch_mask(mask_seqs)
+        self._pending.wait()  # no race: the masks are done before the tokens go in, only too early
+        self.ended = structured.advance_grammars(seqs, self.sampled.token_ids)
+    monkeypatch.setattr(structured.LandedGrammars, "__init__", masks_first)
+    _, want, got = _ahead_against_sync(rng, monkeypatch, ids_ready=True)
+    assert any(key in got and not np.array_equal(want[key], got[key]) for key in want)
+
+
+@pytest.mark.parametrize("ids_ready", [True, False], ids=["masks-before-scheduling", "masks-after-launch"])
+def test_a_mask_error_one_step_ahead_fails_only_its_step(rng, monkeypatch, ids_ready):
+    """The worker's mask computation raises once: that step's requests fail (EngineStepError names them, their blocks
+    come back), the requests that were waiting run to the end and follow their constraint."""
+    from engine import structured
+    from engine.errors import EngineStepError
+    from ops.sampling_types import DeferredSample
+    if not ids_ready:
+        monkeypatch.setattr(DeferredSample, "ready", lambda self: False)
+    engine_thread, calls, fill = threading.get_ident(), [], structured.GrammarCompiler._fill_par
+
+    def failing_fill(self, grammars, out):
+        if threading.get_ident() != engine_thread:
+            calls.append(len(grammars))
+            if len(calls) == 6:
+                raise RuntimeError("mask computation failed")
+        return fill(self, grammars, out)
+    monkeypatch.setattr(structured.GrammarCompiler, "_fill_par", failing_fill)
+    engine = LLMEngine(EngineConfig(device="numpy", max_model_len=256, seed=1, async_scheduling=True, max_num_seqs=2))
+    spec = SPECS["json"]
+    for i in range(4):
+        engine.add_request(f"r{i}", f"request {i}:", SamplingParams(temperature=1.0, seed=i, max_tokens=120,
+                                                                     structured_outputs=spec))
+    failed, outs = None, {}
+    while engine.has_unfinished_requests():
+        try:
+            step_outs = engine.step()
+        except EngineStepError as e:
+            assert failed is None, "one failure only"
+            failed = e
+            continue
+        for out in step_outs:
+            outs.setdefault(out.request_id, out) if out.request_id not in outs else outs[out.request_id].merge(out)
+    assert failed is not None and "mask computation failed" in str(failed.cause)
+    assert sorted(failed.request_ids) == ["r0", "r1"]  # the two running; r2 and r3 were waiting
+    for rid in ("r2", "r3"):
+        out = outs[rid].outputs[0]
+        assert out.finish_reason == "stop", out.text
+        _check("json", out.text)
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_a_constraints_sequences_copy_templates_in_turn_with_the_same_masks(engine):
+    """With threads = 3, a constraint's first three sequences each build a template, the next ones copy them in turn;
+    along the same tokens every copy gives the same masks, one at a time or all in one executor call."""
+    compiler = GrammarCompiler(engine.tokenizer, engine.model_config.vocab_size, engine.eos_token_ids, threads=3)
+    spec = SPECS["json"]
+    grammars = [compiler.matcher(spec) for _ in range(10)]
+    templates = compiler._template(spec)
+    assert len(templates.matchers) == 3 and templates.handed == 10
+    tokens = engine.tokenizer.encode('{"age":7,"name":"ab","tags":["red"')  # the schema's keys sorted
+    for token in [None, *tokens]:
+        if token is not None:
+            assert all(g.accept(token) for g in grammars)
+        one = np.empty((1, compiler.mask_words), np.int32)
+        compiler.fill_masks(grammars[:1], one)
+        together = np.empty((10, compiler.mask_words), np.int32)
+        compiler.fill_masks(grammars, together)  # more than PARALLEL_ROWS: llguidance's executor
+        assert (together == one).all()

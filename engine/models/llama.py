@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from engine.config import ModelConfig
+from engine.config import ConfigError, ModelConfig
+from engine.models import moe
 from ops import fusion, quant
 from ops.fusion import ATTENTION, BIAS, GEMM, HEAD, Buffer, Op
 from ops.metadata import AttentionMetadata
@@ -26,8 +27,9 @@ class LayerWeights:
     q_norm: Any  # [D] or None (Qwen3)
     k_norm: Any
     post_norm: Any  # [H]
-    gate_up: Any  # [2 * I, H]
+    gate_up: Any  # [2 * I, H] (None in a sparse layer)
     down: Any  # [H, I]
+    moe: moe.MoeWeights | None = None  # the experts of a sparse layer (Mixtral, Qwen-MoE)
 
 
 def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -45,6 +47,8 @@ def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "self_attn.k_proj.weight": (c.kv_size, h),
             p + "self_attn.v_proj.weight": (c.kv_size, h),
             p + "self_attn.o_proj.weight": (h, c.q_size),
+        }
+        shapes |= moe.shapes(c, i) if c.sparse(i) else {
             p + "mlp.gate_proj.weight": (c.intermediate_size, h),
             p + "mlp.up_proj.weight": (c.intermediate_size, h),
             p + "mlp.down_proj.weight": (h, c.intermediate_size),
@@ -52,16 +56,18 @@ def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
         if c.attention_bias:
             shapes |= {p + "self_attn.q_proj.bias": (c.q_size,), p + "self_attn.k_proj.bias": (c.kv_size,),
                        p + "self_attn.v_proj.bias": (c.kv_size,)}
-            if c.architecture != "Qwen2ForCausalLM":  # Llama's attention_bias covers o_proj too
+            if c.o_proj_bias:
                 shapes[p + "self_attn.o_proj.bias"] = (h,)
         if c.qk_norm:
             shapes |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
     return shapes
 
 
-def layer_ops(c: ModelConfig, fp8: bool = False, w8a16: bool = False) -> tuple[list[Op], dict[str, Buffer]]:
-    """One decoder layer (any but the first) as the op list the fusion pass groups (ops/fusion.py), with its
-    buffers. LlamaModel.forward launches what fusion.plan makes of it; tests/test_fusion.py checks that.
+def layer_ops(c: ModelConfig, fp8: bool = False, w8a16: bool = False,
+              layer: int | None = None) -> tuple[list[Op], dict[str, Buffer]]:
+    """Decoder layer `layer` (any but the first; default the last) as the op list the fusion pass groups
+    (ops/fusion.py), with its buffers. LlamaModel.forward launches what fusion.plan makes of it; tests/test_fusion.py
+    checks that. A sparse layer's MLP is one MOE op (fp8 is refused for MoE models).
     fp8: the projections are E4M3 (--quantization fp8) and each GEMM input is quantized per token on its way;
     with w8a16 (a step of at most quant.W8A16_MAX_TOKENS tokens) the inputs stay in the model dtype."""
     h, d, inter, qkv = c.hidden_size, c.head_dim, c.intermediate_size, c.q_size + 2 * c.kv_size
@@ -91,7 +97,7 @@ def layer_ops(c: ModelConfig, fp8: bool = False, w8a16: bool = False) -> tuple[l
     def quantized(x, width):  # fp8: x quantized per token, in the kernel that made x
         return [fusion.quantize_fp8(x, x + "_q", x + "_scale", width)] if fp8 and not w8a16 else []
 
-    o_bias = c.attention_bias and c.architecture != "Qwen2ForCausalLM"
+    o_bias = c.o_proj_bias
     ops = [fusion.add("hidden", "residual", "residual", h), fusion.rms_norm("residual", "input_norm", "x", h),
            *quantized("x", h), *gemm("qkv_proj", "x", "qkv")]
     ops += [Op("qkv_bias", BIAS, ("qkv", "qkv_bias"), ("qkv",))] if c.attention_bias else []
@@ -101,9 +107,20 @@ def layer_ops(c: ModelConfig, fp8: bool = False, w8a16: bool = False) -> tuple[l
             *quantized("attn", c.q_size), *gemm("o_proj", "attn", "hidden")]
     ops += [Op("o_bias", BIAS, ("hidden", "o_bias"), ("hidden",))] if o_bias else []
     ops += [fusion.add("hidden", "residual", "residual", h), fusion.rms_norm("residual", "post_norm", "x", h),
-            *quantized("x", h), *gemm("gate_up_proj", "x", "gate_up"),
-            fusion.silu_mul("gate_up", "gate_up", "act", inter), *quantized("act", inter),
-            *gemm("down_proj", "act", "hidden")]
+            *quantized("x", h)]
+    if not c.sparse(c.num_hidden_layers - 1 if layer is None else layer):
+        ops += [*gemm("gate_up_proj", "x", "gate_up"), fusion.silu_mul("gate_up", "gate_up", "act", inter),
+                *quantized("act", inter), *gemm("down_proj", "act", "hidden")]
+    else:
+        m, e = c.moe, c.moe.num_experts
+        s = m.shared_intermediate_size
+        b += [Buffer("router", h, weight=True, rows=e),
+              Buffer("experts_gate_up", h, weight=True, rows=2 * m.intermediate_size, experts=e, picks=m.top_k),
+              Buffer("experts_down", m.intermediate_size, weight=True, rows=h, experts=e, picks=m.top_k),
+              Buffer("expert_rows", m.top_k * (6 * m.intermediate_size + 2 * h)),  # written, then read back
+              Buffer("shared_expert", h, weight=True, rows=3 * s + 1)]
+        ops.append(Op("moe", fusion.MOE, ("x", "router", "experts_gate_up", "experts_down", "expert_rows")
+                      + (("shared_expert",) if s else ()), ("hidden",)))
     return ops, {buf.name: buf for buf in b}
 
 
@@ -141,18 +158,21 @@ class LlamaModel:
                 qkv_bias=merged("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
                 if c.attention_bias else None,
                 o_proj=fetch(p + "self_attn.o_proj.weight"),
-                o_bias=fetch(p + "self_attn.o_proj.bias")
-                if c.attention_bias and c.architecture != "Qwen2ForCausalLM" else None,
+                o_bias=fetch(p + "self_attn.o_proj.bias") if c.o_proj_bias else None,
                 q_norm=fetch(p + "self_attn.q_norm.weight") if c.qk_norm else None,
                 k_norm=fetch(p + "self_attn.k_norm.weight") if c.qk_norm else None,
                 post_norm=fetch(p + "post_attention_layernorm.weight"),
-                gate_up=merged("mlp.gate_proj.weight", "mlp.up_proj.weight"),
-                down=fetch(p + "mlp.down_proj.weight"),
+                gate_up=None if c.sparse(i) else merged("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+                down=None if c.sparse(i) else fetch(p + "mlp.down_proj.weight"),
+                moe=moe.load(c, i, fetch) if c.sparse(i) else None,
             ))
 
     def quantize_linears(self, quantize: Callable[[Any], Any]) -> None:
         """Replace each layer's projection weights by quantize(w) (--quantization fp8). The embedding, the norms
         and lm_head stay in the model dtype, as vLLM's fp8 leaves them."""
+        if self.config.moe is not None:
+            raise ConfigError(f"--quantization fp8 is not supported for mixture-of-experts models "
+                              f"({self.config.architecture}) yet; serve it in float16 or bfloat16")
         for layer in self.layers:
             for name in ("qkv", "o_proj", "gate_up", "down"):
                 w = getattr(layer, name)
@@ -162,7 +182,8 @@ class LlamaModel:
     def weight_bytes(self) -> int:
         """Device (or host) bytes the weights take: an FP8 projection counts its codes and scales."""
         arrays = [self.embed, self.final_norm] + ([] if self.lm_head is self.embed else [self.lm_head])
-        arrays += [getattr(layer, f) for layer in self.layers for f in LayerWeights.__slots__]
+        arrays += [getattr(layer, f) for layer in self.layers for f in LayerWeights.__slots__ if f != "moe"]
+        arrays += [a for layer in self.layers if layer.moe is not None for a in layer.moe.arrays()]
         return sum(a.nbytes for a in arrays if a is not None)
 
     @property
@@ -182,12 +203,13 @@ class LlamaModel:
         qkv = b.empty((t, c.q_size + 2 * c.kv_size))
         attn = b.empty((t, c.q_size))
         hidden = b.empty((t, h))
-        gate_up = b.empty((t, 2 * c.intermediate_size))
+        dense = c.moe is None or len(c.moe.layers) < c.num_hidden_layers  # a layer with the dense MLP
+        gate_up = b.empty((t, 2 * c.intermediate_size)) if dense else None
         if fp8:  # the GEMM inputs as E4M3 codes with a scale per token
             xin, attn_in, act = (quant.activation(b.xp, t, n) for n in (h, c.q_size, c.intermediate_size))
             norm, add_norm, silu = b.rms_norm_fp8, b.add_rms_norm_fp8, b.silu_and_mul_fp8
         else:
-            xin, attn_in, act = x, attn, b.empty((t, c.intermediate_size))
+            xin, attn_in, act = x, attn, b.empty((t, c.intermediate_size)) if dense else None
             norm, add_norm, silu = b.rms_norm, b.add_rms_norm, b.silu_and_mul
         tp = self.tp
         if tp is None:
@@ -210,9 +232,13 @@ class LlamaModel:
             if tp is not None:  # each rank's heads' share of o_proj: summed over the ranks
                 tp.comm.all_reduce(hidden)
             add_norm(hidden, residual, layer.post_norm, eps, xin)
-            b.linear(xin, layer.gate_up, None, gate_up)
-            silu(gate_up, act)
-            b.linear(act, layer.down, None, hidden)
+            if layer.moe is not None:  # never fp8 (quantize_linears refuses): xin is x
+                m = layer.moe
+                b.moe(x, m.router, m.gate_up, m.down, c.moe.top_k, c.moe.normalize, hidden, m.shared)
+            else:
+                b.linear(xin, layer.gate_up, None, gate_up)
+                silu(gate_up, act)
+                b.linear(act, layer.down, None, hidden)
             if tp is not None:
                 tp.comm.all_reduce(hidden)
         b.add_rms_norm(hidden, residual, self.final_norm, eps, x)  # lm_head stays in the model dtype

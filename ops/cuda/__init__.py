@@ -12,9 +12,11 @@ import numpy as np
 from ops import jit_ops, quant
 from ops.cuda import attention as _attention
 from ops.cuda import basic as _basic
+from ops.cuda import moe as _moe
 from ops.cuda import sampling as _sampling
 from ops.cuda.linear import Linear
 from ops.cuda.upload import WeightUploader
+from ops.moe_layout import moe_shape_problem
 from ops.storage import STORAGE, bf16_bits_to_float32, float32_to_bf16_bits
 
 
@@ -29,6 +31,12 @@ class CudaBackend:
         self.dtype_name = dtype
         self.dtype = STORAGE[dtype]
         self._linear = Linear()
+
+    def unsupported(self, config) -> str | None:
+        """See ops.backend.NumpyBackend.unsupported: the MoE kernels' row widths."""
+        if config.moe is not None:
+            return moe_shape_problem(config.hidden_size, config.moe.intermediate_size)
+        return None
 
     # memory
     def empty(self, shape, dtype=None):
@@ -86,9 +94,14 @@ class CudaBackend:
         _attention.reserve_decode_workspace(sizes[-1], config.num_attention_heads, config.num_key_value_heads,
                                             config.head_dim, max_model_len)
         h, qkv = config.hidden_size, config.q_size + 2 * config.kv_size
-        projections = [(m, n, k, bias) for m in sizes for n, k, bias in (
-            (qkv, h, config.attention_bias), (h, config.q_size, False), (2 * config.intermediate_size, h, False),
-            (h, config.intermediate_size, False))]
+        shapes = [(qkv, h, config.attention_bias), (h, config.q_size, False)]
+        moe = config.moe
+        if moe is None or len(moe.layers) < config.num_hidden_layers:  # a dense MLP somewhere
+            shapes += [(2 * config.intermediate_size, h, False), (h, config.intermediate_size, False)]
+        if moe is not None:  # the router's logits and the shared expert go through cuBLASLt (ops/cuda/moe.py)
+            s = moe.shared_intermediate_size
+            shapes += [(moe.num_experts, h, False)] + ([(2 * s, h, False), (h, s, False), (1, h, False)] if s else [])
+        projections = [(m, n, k, bias) for m in sizes for n, k, bias in shapes]
         lm_head = [(m, config.vocab_size, h, False) for m in sizes]
         if fp8:
             self._linear.tune(projections, self.dtype_name, fp8=True)
@@ -111,6 +124,9 @@ class CudaBackend:
 
     def silu_and_mul(self, x, out):
         _basic.silu_and_mul(x, out)
+
+    def moe(self, x, router, gate_up, down, top_k, normalize, out, shared=None):
+        _moe.moe(self._linear, x, router, gate_up, down, top_k, normalize, out, shared)
 
     # FP8 (--quantization fp8): weights quantized per output row at load, GEMM inputs per token by the kernel
     # that makes them (out: an ops/quant.Fp8Activation, codes and scales)

@@ -30,13 +30,15 @@ def unique_id() -> tuple:
 
 def _nccl_type(dtype) -> int:
     nccl = _nccl()
-    table = {np.dtype(np.float16): nccl.NCCL_FLOAT16, np.dtype(np.float32): nccl.NCCL_FLOAT32}
+    table = {np.dtype(np.float16): nccl.NCCL_FLOAT16, np.dtype(np.float32): nccl.NCCL_FLOAT32,
+             np.dtype(np.int32): nccl.NCCL_INT32}
     if hasattr(nccl, "NCCL_BFLOAT16"):
         table[np.dtype(np.uint16)] = nccl.NCCL_BFLOAT16  # bfloat16 bits, as the CUDA backend stores them
     try:
         return table[np.dtype(dtype)]
     except KeyError:
-        raise TypeError(f"NCCL collectives here take float16, bfloat16 (uint16 bits) or float32, not {dtype}") from None
+        raise TypeError(f"NCCL collectives here take float16, bfloat16 (uint16 bits), float32 or int32, "
+                        f"not {dtype}") from None
 
 
 class NcclGroup:
@@ -57,3 +59,13 @@ class NcclGroup:
         out = cp.empty((self.world,) + x.shape, x.dtype)  # NCCL gathers rank-major
         self._comm.allGather(x.data.ptr, out.data.ptr, x.size, _nccl_type(x.dtype), cp.cuda.get_current_stream().ptr)
         return cp.moveaxis(out, 0, -2).reshape(x.shape[:-1] + (self.world * x.shape[-1],))
+
+    def broadcast(self, x, root: int = 0) -> None:
+        """x = rank root's x, in place (a contiguous cupy array), on the current stream: a decode graph's input ids,
+        which only rank 0 has where they came from its last sampled step."""
+        stream = cp.cuda.get_current_stream().ptr
+        self._comm.broadcast(x.data.ptr, x.data.ptr, x.size, _nccl_type(x.dtype), root, stream)
+
+    def abort(self) -> None:
+        """ncclCommAbort (another rank died): collectives waiting for it return instead of spinning for ever."""
+        self._comm.abort()

@@ -34,8 +34,7 @@ def test_gpu_output_identical_with_and_without_speculation(checkpoint, rng, para
     print(f"ngram: {spec.spec_stats.num_drafts} drafts, acceptance {spec.spec_stats.acceptance_rate:.2f}")
     assert [t for t, _ in got] == [t for t, _ in want]
     for rate in (1.0, 0.6):
-        spec.proposer = KnownContinuation({tuple(p): w[0] for p, w in zip(prompts, want)}, rate, 0)
-        spec.enable_speculation(spec.spec, spec.proposer)
+        spec.enable_speculation(spec.spec, KnownContinuation({tuple(p): w[0] for p, w in zip(prompts, want)}, rate, 0))
         got = _outputs(spec, prompts, params)
         stats = spec.spec_stats
         print(f"known continuation, {rate:.0%} right: {stats.num_drafts} drafts, "

@@ -1,0 +1,119 @@
+"""The GPU's MoE routing kernels (ops/kernels/moe_route.cu) run on the CPU by tests/host_cuda.py with T = float, and
+the whole launch sequence of ops/cuda/moe.py held to ops/reference.moe, the grouped GEMM's contract (which rows each
+tile covers, x gathered by token) played by numpy. The GEMM's tensor-core loop itself runs on the GPU only
+(tests/gpu/test_moe_gpu.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ops import reference
+from ops.kernel_source import kernel_source
+from ops.moe_layout import max_tiles, tile_rows
+from tests import host_cuda
+
+pytestmark = pytest.mark.skipif(not host_cuda.available(), reason="needs g++ for the CUDA emulator")
+i32 = np.int32
+
+
+def _source(bm: int, normalize: bool, shared: bool) -> str:
+    return (f"#define HOST_EMULATION 1\n#define T float\n#define BM {bm}\n#define NORMALIZE {int(normalize)}\n"
+            f"#define SHARED {int(shared)}\n" + kernel_source("moe_route.cu"))
+
+
+def _route(src, logits, k):
+    t, e = logits.shape
+    ids, w, counts = np.zeros((t, k), i32), np.zeros((t, k), np.float32), np.zeros(e, i32)
+    host_cuda.run_source(src, "moe_route", 128, -(-t // 4), [logits, i32(t), i32(e), i32(k), ids, w, counts])
+    return ids, w, counts
+
+
+def _offsets(src, counts, tiles):
+    e = counts.size
+    cursor, tile_expert, tile_row, num = np.zeros(e, i32), np.zeros(tiles, i32), np.zeros(tiles, i32), np.zeros(1, i32)
+    host_cuda.run_source(src, "moe_offsets", 256, 1, [i32(e), counts, cursor, tile_expert, tile_row, num])
+    return cursor, tile_expert, tile_row, int(num[0])
+
+
+@pytest.mark.parametrize("t, e, k", [(1, 4, 2), (37, 8, 3), (5, 60, 8), (19, 128, 8), (3, 256, 16)])
+def test_routing_equals_the_reference(rng, t, e, k):
+    logits = rng.normal(0, 2, (t, e)).astype(np.float32)
+    for normalize in (True, False):
+        ids, w, counts = _route(_source(16, normalize, False), logits, k)
+        ref_ids, ref_w = reference.moe_route(logits, k, normalize)
+        np.testing.assert_array_equal(ids, ref_ids)
+        np.testing.assert_allclose(w, ref_w, rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(counts, np.bincount(ids.ravel(), minlength=e))
+
+
+def test_ties_go_to_the_lower_expert():
+    logits = np.array([[1.0, 3.0, 3.0, 0.0, 3.0, 2.0] + [0.0] * 58], np.float32)
+    ids, _, _ = _route(_source(16, True, False), logits, 4)
+    assert ids.tolist() == [[1, 2, 4, 5]]
+
+
+@pytest.mark.parametrize("bm", [16, 64])
+def test_offsets_and_permutation_group_every_pair_by_expert(rng, bm):
+    t, e, k = 45, 60, 6
+    src_text = _source(bm, True, False)
+    ids, _, counts = _route(src_text, rng.normal(0, 3, (t, e)).astype(np.float32), k)
+    pairs = t * k
+    tiles = max_tiles(pairs, e, bm)
+    cursor, tile_expert, tile_row, num = _offsets(src_text, counts.copy(), tiles)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    np.testing.assert_array_equal(cursor, starts)
+    want = [(x, int(starts[x]) + j * bm) for x in range(e) for j in range(-(-int(counts[x]) // bm))]
+    assert num == len(want) <= tiles
+    assert list(zip(tile_expert[:num].tolist(), tile_row[:num].tolist())) == want
+    src, pos = np.zeros(pairs, i32), np.zeros(pairs, i32)
+    host_cuda.run_source(src_text, "moe_permute", 128, -(-pairs // 128),
+                         [ids.ravel().copy(), i32(pairs), i32(k), cursor, src, pos])
+    np.testing.assert_array_equal(cursor, starts + counts)  # each expert's end, where its last tile stops
+    assert sorted(pos.tolist()) == list(range(pairs))
+    flat = ids.ravel()
+    np.testing.assert_array_equal(src[pos], np.arange(pairs) // k)  # the row holds its own token
+    assert ((pos >= starts[flat]) & (pos < starts[flat] + counts[flat])).all()  # inside its expert's rows
+
+
+def _grouped_gemm(a, w, src, tile_expert, tile_row, num, cursor, bm, gather):
+    """moe_gemm's contract in numpy: each tile's rows, up to its expert's end, times that expert's weight."""
+    out = np.full((src.size, w.shape[1]), np.nan, np.float32)  # rows no tile writes stay NaN and would show
+    for tile in range(num):
+        x, r0 = tile_expert[tile], tile_row[tile]
+        rows = np.arange(r0, min(r0 + bm, cursor[x]))
+        out[rows] = (a[src[rows]] if gather else a[rows]) @ w[x].T
+    return out
+
+
+@pytest.mark.parametrize("with_shared", [False, True])
+def test_the_launch_sequence_computes_the_reference_moe(rng, with_shared):
+    t, h, e, inter, k = 23, 32, 8, 16, 3
+    x = rng.normal(size=(t, h)).astype(np.float32)
+    router = rng.normal(size=(e, h)).astype(np.float32)
+    gate_up = rng.normal(0, .3, (e, 2 * inter, h)).astype(np.float32)
+    down = rng.normal(0, .3, (e, h, inter)).astype(np.float32)
+    shared = (rng.normal(0, .3, (24, h)).astype(np.float32), rng.normal(0, .3, (h, 12)).astype(np.float32),
+              rng.normal(size=(1, h)).astype(np.float32)) if with_shared else None
+    pairs, normalize = t * k, not with_shared
+    bm = tile_rows(pairs, e)
+    text = _source(bm, normalize, with_shared)
+    ids, w, counts = _route(text, x @ router.T, k)
+    cursor, tile_expert, tile_row, num = _offsets(text, counts, max_tiles(pairs, e, bm))
+    src, pos = np.zeros(pairs, i32), np.zeros(pairs, i32)
+    host_cuda.run_source(text, "moe_permute", 128, -(-pairs // 128), [ids.ravel().copy(), i32(pairs), i32(k), cursor,
+                                                                      src, pos])
+    hs = _grouped_gemm(x, gate_up, src, tile_expert, tile_row, num, cursor, bm, True)
+    act = np.empty((pairs, inter), np.float32)
+    reference.silu_and_mul(hs, act)
+    y = _grouped_gemm(act, down, src, tile_expert, tile_row, num, cursor, bm, False)
+    s_out = s_gate = np.zeros((t, h), np.float32)
+    if shared is not None:
+        s_h = x @ shared[0].T
+        s_act = np.empty((t, 12), np.float32)
+        reference.silu_and_mul(s_h, s_act)
+        s_out, s_gate = s_act @ shared[1].T, np.ascontiguousarray(x @ shared[2].T)
+    out = np.zeros((t, h), np.float32)
+    host_cuda.run_source(text, "moe_combine", 256, t, [y, pos, w, i32(k), i32(h), s_out, s_gate, out])
+    ref = np.empty_like(out)
+    reference.moe(x, router, gate_up, down, k, normalize, ref, shared)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
