@@ -277,7 +277,21 @@ def test_fp8_kv_cache_model_prefix_caching_and_preemption(checkpoint, rng, caplo
     assert roomy.runner.num_computed_tokens_total - before <= sum(map(len, prompts)) + 5 * 23 - 48
     got = tight.generate(prompts, params)
     assert tight.scheduler.num_preemptions > 0
-    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    # Each token either engine chose is the greedy choice of an engine without preemption or a prefix hit over the
+    # same prefix. Compared teacher-forced, not as free-running sequences: a recomputed K row can differ from the
+    # first one in its last float32 bit (numpy's GEMM sums a 1-row and a 24-row batch in different orders), which
+    # now and then moves an E4M3 code by one step. On these random checkpoints the two best logits of some step are
+    # closer than that noise (CI's failure: a top-2 gap below 1e-4 flipped one token and the rest of a sequence
+    # followed it). A lost, stale or misplaced block changes the context, whose argmax then lies a logit or more above
+    # the chosen token (logits' std here 1.4); 0.02 leaves the rounding noise far inside and such errors far outside.
+    ref = LLMEngine(EngineConfig(model=path, device="numpy", max_model_len=128, kv_cache_dtype="fp8",
+                                 enable_prefix_caching=False))
+    for outs in (got, want):
+        for prompt, o in zip(prompts, outs):
+            chosen = list(o.outputs[0].token_ids)
+            logits = _all_logits(ref, prompt + chosen)[len(prompt) - 1: -1]
+            shortfall = logits.max(1) - logits[np.arange(len(chosen)), chosen]
+            assert shortfall.max() <= 0.02, (len(prompt), shortfall.round(3).tolist())
     assert tight.block_manager.usage == 0.0
     with pytest.raises(ConfigError, match="fp8_e5m2"):
         EngineConfig(kv_cache_dtype="fp8_e5m2")
