@@ -86,8 +86,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generation-config", default="auto",
                    help="auto: use the model's generation_config.json; vllm: ignore it")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
-    p.add_argument("--max-request-body-bytes", type=positive_int, default=32 * 1024 * 1024,
-                   help="larger request bodies get a 413 (cupyllm's own flag)")
+    p.add_argument("--max-request-bytes", "--max-request-body-bytes", dest="max_request_bytes", type=positive_int,
+                   help="larger request bodies get a 413 before they are read (cupyllm's own flag; default: "
+                        "1 MiB + 64 bytes a token of --max-model-len)")
     p.add_argument("--max-waiting-requests", type=positive_int, default=4096,
                    help="sequences that may wait for the batch; past it new requests get 503 with Retry-After "
                         "(cupyllm's own flag)")
@@ -256,7 +257,7 @@ def run_serve(args: argparse.Namespace) -> int:
     for stage, seconds in (getattr(llm, "stage_times", None) or {}).items():
         logger.info("  %s: %.2f s", stage, seconds)
     engine = AsyncLLMEngine(llm)
-    app = create_app(engine, served, api_key, args.max_request_body_bytes, max_waiting=args.max_waiting_requests,
+    app = create_app(engine, served, api_key, args.max_request_bytes, max_waiting=args.max_waiting_requests,
                      log_prompts=args.log_prompts, shutdown_timeout=args.shutdown_timeout,
                      tool_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
                      cors=CORS(tuple(args.allowed_origins), tuple(args.allowed_methods), tuple(args.allowed_headers),

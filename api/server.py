@@ -29,11 +29,20 @@ from api.serving import DEFAULT_MAX_WAITING, OpenAIServing
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+BODY_BYTES_PER_TOKEN = 64  # JSON-escaped text runs 1-12 bytes a token; long whitespace or symbol tokens a few dozen
+BODY_BYTES_FIXED = 1 << 20  # messages' structure, tools, response_format schemas, logit_bias
+DRAIN_BYTES = 256 << 20  # an over-limit body up to this size is read and dropped after its 413; past it, a reset
 DEFAULT_STREAM_TIMEOUT = 60.0  # seconds a streaming client may accept nothing before its request is aborted
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds SIGTERM waits for running requests; keep below the orchestrator's grace
 RANK_FAILURE_EXIT_DELAY = 2.0  # seconds /health answers 503 after a tensor-parallel rank died, before the exit
 _app_ids = itertools.count()
+
+
+def default_max_body_bytes(max_model_len: int) -> int:
+    """The request-body limit (`--max-request-bytes`) when none is given: a prompt of the whole context at 64 bytes a
+    token, plus 1 MiB. A larger body holds more text than the context can take, so it is refused with a 413 from
+    its Content-Length, before a byte of it is read or parsed; one within it gets the exact context-length 400."""
+    return BODY_BYTES_FIXED + BODY_BYTES_PER_TOKEN * max_model_len
 
 
 def version() -> str:
@@ -57,7 +66,7 @@ def error_response(e: APIError, headers: dict | None = None) -> HTTPResponse:
 
 
 def create_app(engine, served_model_names: list[str] | None = None, api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               max_body_bytes: int | None = None,
                stats: Callable[[], EngineStats] | None = None, max_waiting: int = DEFAULT_MAX_WAITING,
                log_prompts: bool = False, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
                tool_parser: str | None = None, cors: "CORS | None" = None, log_requests: bool = True,
@@ -74,7 +83,10 @@ def create_app(engine, served_model_names: list[str] | None = None, api_key: str
                             metrics, model_root=llm.config.model, max_waiting=max_waiting, log_prompts=log_prompts,
                             tool_parser=tool_parser, log_requests=log_requests)
     app = Sanic(f"cupyllm_{next(_app_ids)}", configure_logging=False)
-    app.config.REQUEST_MAX_SIZE = max_body_bytes
+    app.ctx.max_body_bytes = max_body_bytes or default_max_body_bytes(llm.max_model_len)
+    # The POST routes read their bodies themselves (_json_body) against max_body_bytes; Sanic's own limit only bounds
+    # how much of a refused body it reads and drops so that the client, still sending, gets to read the 413.
+    app.config.REQUEST_MAX_SIZE = max(app.ctx.max_body_bytes, DRAIN_BYTES)
     app.config.RESPONSE_TIMEOUT = 7 * 24 * 3600  # generations may stream for a long time
     app.config.NOISY_EXCEPTIONS = False
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = 2.0  # Sanic's own wait, after Drain has done the real one
@@ -211,6 +223,8 @@ def _add_errors(app: Sanic) -> None:
             return error_response(e)
         if isinstance(e, SanicException):  # 404 route, 405 method, 413 body, 408 timeout, malformed HTTP
             status = e.status_code or 500
+            if status == 413:  # a chunked body that grew past the limit while read
+                return error_response(_too_large(request.app.ctx.max_body_bytes))
             if status >= 500:
                 logger.error("%s %s failed", request.method, request.path, exc_info=e)
             return error_response(APIError(str(e) or type(e).__name__, status))
@@ -218,19 +232,39 @@ def _add_errors(app: Sanic) -> None:
         return error_response(APIError(f"Internal error: {type(e).__name__}: {e}", 500))
 
 
+def _too_large(limit: int) -> APIError:
+    return APIError(f"Request body exceeds the size limit of {limit} bytes; the server's --max-request-bytes sets it "
+                    f"(by default {BODY_BYTES_FIXED} + {BODY_BYTES_PER_TOKEN} bytes a token of --max-model-len)", 413)
+
+
+async def _json_body(request: Request):
+    """The parsed JSON body of a POST route. The routes are registered with stream=True, so Sanic leaves the reading
+    to this: a body whose Content-Length is over the limit gets its 413 before any of it is read (Sanic then reads and
+    drops the rest, up to DRAIN_BYTES, so a client that sends it whole still reads the 413 and not a reset);
+    a chunked body is counted as it is read."""
+    limit = request.app.ctx.max_body_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    if request.stream is not None:
+        request.stream.request_max_size = limit
+        await request.receive_body()
+    return protocol.parse_json(request.body)
+
+
 def _add_routes(app: Sanic, engine, serving: OpenAIServing, metrics: Metrics, drain: Drain) -> None:
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", stream=True)
     async def completions(request: Request):
-        req = protocol.parse_completion(protocol.parse_json(request.body))
+        req = protocol.parse_completion(await _json_body(request))
         drain.enter()
         try:
             return await _answer(request, await serving.completion(req), req.stream)
         finally:
             drain.leave()
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", stream=True)
     async def chat_completions(request: Request):
-        req = protocol.parse_chat(protocol.parse_json(request.body))
+        req = protocol.parse_chat(await _json_body(request))
         drain.enter()
         try:
             return await _answer(request, await serving.chat(req), req.stream)
@@ -257,13 +291,13 @@ def _add_routes(app: Sanic, engine, serving: OpenAIServing, metrics: Metrics, dr
     async def metrics_route(request: Request):
         return HTTPResponse(generate_latest(metrics.registry), content_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", stream=True)
     async def tokenize(request: Request):
-        return json_response(await serving.tokenize(protocol.parse_tokenize(protocol.parse_json(request.body))))
+        return json_response(await serving.tokenize(protocol.parse_tokenize(await _json_body(request))))
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", stream=True)
     async def detokenize(request: Request):
-        return json_response(serving.detokenize(*protocol.parse_detokenize(protocol.parse_json(request.body))))
+        return json_response(serving.detokenize(*protocol.parse_detokenize(await _json_body(request))))
 
 
 async def _answer(request: Request, job, stream: bool) -> HTTPResponse | None:
