@@ -16,7 +16,7 @@ _SUBSET_RATIO = 32
 # k-th largest group max bounds the k-th largest logit from below, so a sort of ~k * _GROUPS values replaces
 # a partition of the whole row (numpy's argpartition costs ~0.5 ms per 152K row).
 _GROUPS = 64
-_LOGPROB_ROWS = 4  # rows per pass of the log-normaliser: 2.4 MB of scratch at a 152K vocabulary
+_SCRATCH_ROWS = 4  # rows per pass of _exp_sums: 2.4 MB of scratch at a 152K vocabulary
 
 
 def _flat_keys(table: np.ndarray, rows: np.ndarray | None, vocab_size: int) -> np.ndarray:
@@ -123,14 +123,7 @@ def _raw_logprobs(logits: np.ndarray, num: int) -> tuple:
     if num < 0:
         return None, None, None
     peak = logits.max(axis=1)
-    sums = np.empty(len(logits), np.float32)
-    shifted = np.empty((min(len(logits), _LOGPROB_ROWS), logits.shape[1]), np.float32)
-    for start in range(0, len(logits), _LOGPROB_ROWS):  # a few rows at a time: one buffer, few fresh pages
-        rows = slice(start, start + _LOGPROB_ROWS)
-        part = shifted[:len(logits[rows])]
-        np.subtract(logits[rows], peak[rows, None], out=part)
-        np.exp(part, out=part)
-        sums[rows] = part.sum(axis=1)
+    sums = _exp_sums(logits, np.arange(len(logits)), peak, None, np.float32)
     log_norm = peak.astype(np.float64) + np.log(sums.astype(np.float64))
     if num == 0:
         return log_norm, None, None
@@ -156,6 +149,25 @@ def _choose(logits: np.ndarray, t: SamplingTensors) -> np.ndarray:
     token_ids[rows] = _sample_rows(x, t.temperature[rows], t.top_k[rows], t.top_p[rows], t.min_p[rows],
                                    t.seeds[rows], t.steps[rows])
     return token_ids
+
+
+def _exp_sums(x: np.ndarray, rows: np.ndarray, peak: np.ndarray, temperature: np.ndarray | None,
+              dtype) -> np.ndarray:
+    """sum_j exp(s_j) over each row of x[rows], accumulated in `dtype`: s = _scaled(x[rows], peak, temperature), the
+    same two rounding steps (temperature None: x - peak alone). A few rows at a time through one buffer: a [rows, V]
+    copy would take fresh pages from the kernel, a fault each 4 KB (docs/performance.md)."""
+    sums = np.empty(len(rows), dtype)
+    part = np.empty((min(len(rows), _SCRATCH_ROWS), x.shape[1]), np.float32)
+    for start in range(0, len(rows), _SCRATCH_ROWS):
+        chunk = slice(start, start + _SCRATCH_ROWS)
+        buf = part[:len(rows[chunk])]
+        np.take(x, rows[chunk], axis=0, out=buf)
+        np.subtract(buf, peak[chunk, None], out=buf)
+        if temperature is not None:
+            np.divide(buf, temperature[chunk, None], out=buf)
+        np.exp(buf, out=buf)
+        sums[chunk] = buf.sum(axis=1, dtype=dtype)
+    return sums
 
 
 def _scaled(x: np.ndarray, peak: np.ndarray, temperature: np.ndarray) -> np.ndarray:
@@ -237,22 +249,21 @@ def _group_candidates(group_max: np.ndarray, bound: np.ndarray, vocab_size: int)
     return np.concatenate([ids, tail], axis=1)
 
 
-def _top_p_bound(s: np.ndarray, group_max: np.ndarray, top_p: np.ndarray,
-                 log_min_p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Z and a lower bound on tau for rows without top-k; s: [P, V] and group_max: [P, V // 64], both <= 0.
+def _top_p_bound(mass: np.ndarray, group_max: np.ndarray, top_p: np.ndarray, log_min_p: np.ndarray) -> np.ndarray:
+    """A lower bound on tau for rows without top-k; mass: their Z = sum exp(s) [P], group_max: [P, V // 64] (s's
+    group maxima, <= 0).
 
     Any c with mass(s >= c) >= top_p * Z bounds top-p's threshold from below. The group maxima are distinct
     tokens, so their mass above c is a lower bound on mass(s >= c); with 1-nat buckets of -s (bucket b holds
     s in (-(b + 1), -b]) the first b whose running mass reaches top_p * Z gives c = -(b + 1).
     """
-    rows = len(s)
-    mass = np.exp(s).sum(axis=1, dtype=np.float64)
+    rows = len(group_max)
     buckets = np.minimum(-group_max, 63).astype(np.int64)  # the last bucket also holds everything below -63
     buckets += np.arange(rows)[:, None] * 64
     hist = np.bincount(buckets.ravel(), weights=np.exp(group_max).ravel(), minlength=rows * 64)
     first = np.count_nonzero(np.cumsum(hist.reshape(rows, 64), axis=1) < (top_p * mass)[:, None], axis=1)
     edge = np.where((top_p < 1) & (first < 63), -(first + 1.0), -np.inf).astype(np.float32)
-    return mass, np.maximum(edge, log_min_p)
+    return np.maximum(edge, log_min_p)
 
 
 def _cut(x, cut, peak, temperature, top_k, top_p, log_min_p) -> list[tuple]:
@@ -271,9 +282,8 @@ def _cut(x, cut, peak, temperature, top_k, top_p, log_min_p) -> list[tuple]:
     mass = np.zeros(len(cut))
     unbounded = np.flatnonzero(top_k == 0)
     if len(unbounded):
-        s = _scaled(x[cut[unbounded]], peak[unbounded], temperature[unbounded])
-        mass[unbounded], bound[unbounded] = _top_p_bound(s, group_max[unbounded], top_p[unbounded],
-                                                         log_min_p[unbounded])
+        mass[unbounded] = _exp_sums(x, cut[unbounded], peak[unbounded], temperature[unbounded], np.float64)
+        bound[unbounded] = _top_p_bound(mass[unbounded], group_max[unbounded], top_p[unbounded], log_min_p[unbounded])
     wide = (group_max >= bound[:, None]).sum(axis=1) * 4 > group_max.shape[1]
     parts = [part for part in (np.flatnonzero(~wide), np.flatnonzero(wide)) if len(part)]
     return [(part, *_thresholds(x, cut[part], peak[part], temperature[part], top_k[part], top_p[part],
