@@ -25,6 +25,8 @@ ARCHS = {
     "mistral_window": ("MistralConfig", dict(sliding_window=40)),
     "qwen2_window": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=12, max_window_layers=1)),
     "qwen3": ("Qwen3Config", dict(head_dim=64, tie_word_embeddings=True)),
+    # a head size off the powers of two (Phi-2's 80), wider than hidden / heads: the GPU kernels' other specialisations
+    "llama_hd80": ("LlamaConfig", dict(head_dim=80)),
     # mixtures of experts: Mixtral (4 experts, 2 a token, renormalised), Qwen2-MoE with its shared expert and a dense
     # first layer (mlp_only_layers), Qwen3-MoE with 3 of 8 experts renormalised
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),

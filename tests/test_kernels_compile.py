@@ -72,3 +72,42 @@ def test_kernel_compiles_without_decode_path_spills(path, arch):
         spills = [line for line in report.splitlines()
                   if re.search(r"[1-9]\d* bytes spill (stores|loads)", line)]
         assert not spills, f"{path.name} {arch} {' '.join(defines)} spills registers:\n" + "\n".join(spills)
+
+
+TILE_OFFSET_CHECK = r"""
+#include "mma.cuh"
+#include <cstdio>
+// For every row of a tile of CH chunks, tile_offset<CH> must put the row's chunks on its own CH slots, each once.
+template <int CH> int check() {
+    int bad = 0;
+    for (int row = 0; row < 64; ++row) {
+        int seen[CH] = {0};
+        for (int c = 0; c < CH; ++c) {
+            const int off = tile_offset<CH>(row, c);
+            const int slot = off / 16 - row * CH;
+            if (off % 16 || slot < 0 || slot >= CH || seen[slot]++) ++bad;
+            // head_dim 16 * 2^k: the XOR swizzle the kernels have always used
+            if ((CH & (CH - 1)) == 0 && slot != (c ^ (row & ((CH < 8 ? CH : 8) - 1)))) ++bad;
+        }
+    }
+    printf("CH %d: %d bad\n", CH, bad);
+    return bad;
+}
+int main() {
+    return check<2>() + check<4>() + check<6>() + check<8>() + check<10>() + check<12>() + check<14>() + check<16>()
+        + check<20>() + check<24>() != 0;
+}
+"""
+
+
+def test_the_tile_swizzle_is_a_permutation_for_every_head_dim(tmp_path):
+    """head_dim 16 to 192 in steps of 16 (CH = head_dim / 8 chunks a row): the host build of mma.cuh's tile_offset,
+    compiled by nvcc and run here, places each row's chunks on distinct slots of that row."""
+    src = tmp_path / "tile_offset.cu"
+    src.write_text(TILE_OFFSET_CHECK)
+    exe = tmp_path / "tile_offset"
+    cmd = [NVCC, "-std=c++17", f"-I{KERNEL_DIR}", "-o", str(exe), str(src)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}"
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.count(": 0 bad") == 10, run.stdout + run.stderr

@@ -198,10 +198,9 @@ def test_a_rank_shape_the_backend_cannot_run_is_refused_at_start_up_and_leaves_n
     CudaBackend.unsupported answers). moe_intermediate_size 72 splits over 2 ranks, but into 36: the start-up says so,
     before any weight moves, and the rank already started stops. The numpy backend is given CUDA's rule here."""
     from ops.backend import NumpyBackend
-    from ops.moe_layout import moe_shape_problem
+    from ops.cuda_shapes import cuda_shape_problem
 
-    monkeypatch.setattr(NumpyBackend, "unsupported",
-                        lambda self, c: moe_shape_problem(c.hidden_size, c.moe.intermediate_size) if c.moe else None)
+    monkeypatch.setattr(NumpyBackend, "unsupported", lambda self, c: cuda_shape_problem(c))
     path, _ = checkpoint("qwen3_moe")
     _with_config(path, tmp_path, moe_intermediate_size=72)
     with pytest.raises(ConfigError, match=r"the numpy backend cannot run this model \(one rank's part of 2\): hidden "
@@ -210,3 +209,34 @@ def test_a_rank_shape_the_backend_cannot_run_is_refused_at_start_up_and_leaves_n
     assert not multiprocessing.active_children()
     _engine(path, 2).close()  # 64 splits into 32: runs
     assert not multiprocessing.active_children()
+
+
+@pytest.mark.parametrize("head_dim,refused", [(80, False), (72, True), (256, True)])
+def test_a_head_size_the_attention_kernels_cannot_run_is_refused_at_start_up(checkpoint, tmp_path, monkeypatch,
+                                                                            head_dim, refused):
+    """The CUDA attention kernels take head_dim a multiple of 16 up to 128 (ops.cuda_shapes, what
+    CudaBackend.unsupported answers): 80 passes the check and a head_dim-80 checkpoint serves, 72 and 256 are refused by name before any weight
+    moves (the checkpoint's projections are shaped for 32: loading them would fail later, with a weights error). The
+    numpy backend is given CUDA's rule here."""
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from ops.backend import NumpyBackend
+    from ops.cuda_shapes import cuda_shape_problem
+
+    monkeypatch.setattr(NumpyBackend, "unsupported", lambda self, c: cuda_shape_problem(c))
+    path, _ = checkpoint("qwen2_untied")
+    _with_config(path, tmp_path, head_dim=head_dim)
+    config = EngineConfig(model=str(tmp_path), device="numpy", max_model_len=64)
+    if refused:
+        with pytest.raises(ConfigError, match=rf"the numpy backend cannot run this model.*head_dim {head_dim}: the "
+                                              "attention kernels take a multiple of 16 up to 128"):
+            LLMEngine(config)
+    else:  # past the shape check, the weights (shaped for head_dim 32) do not fit
+        with pytest.raises(Exception) as e:
+            LLMEngine(config)
+        assert "head_dim" not in str(e.value) and not isinstance(e.value, ConfigError), e.value
+        # a checkpoint made with that head size starts and runs under the rule (tests/test_parity.py: its logits)
+        path, _ = checkpoint("llama_hd80")
+        engine = LLMEngine(EngineConfig(model=path, device="numpy", max_model_len=64))
+        out = engine.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+        assert len(out[0].outputs[0].token_ids) == 3

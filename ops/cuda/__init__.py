@@ -16,7 +16,7 @@ from ops.cuda import moe as _moe
 from ops.cuda import sampling as _sampling
 from ops.cuda.linear import Linear
 from ops.cuda.upload import WeightUploader
-from ops.moe_layout import moe_shape_problem
+from ops.cuda_shapes import cuda_shape_problem
 from ops.storage import STORAGE, bf16_bits_to_float32, float32_to_bf16_bits
 
 
@@ -33,10 +33,8 @@ class CudaBackend:
         self._linear = Linear()
 
     def unsupported(self, config) -> str | None:
-        """See ops.backend.NumpyBackend.unsupported: the MoE kernels' row widths."""
-        if config.moe is not None:
-            return moe_shape_problem(config.hidden_size, config.moe.intermediate_size)
-        return None
+        """See ops.backend.NumpyBackend.unsupported: the attention kernels' head sizes, the MoE kernels' row widths."""
+        return cuda_shape_problem(config)
 
     # memory
     def empty(self, shape, dtype=None):

@@ -10,10 +10,10 @@ import cupy as cp
 import numpy as np
 
 from ops.cuda.compile import cuda_type, get_kernel
+from ops.cuda_shapes import head_dim_problem
 from ops.metadata import AttentionMetadata
 
 BLOCK_SIZE = 16                  # tokens per cache block; the kernels are written for it
-HEAD_DIMS = (16, 32, 64, 128)    # 256 would spill registers in the decode kernel
 DECODE_WARPS, DECODE_STAGES = 4, 2
 # Prefill CTA shape: PREFILL_MT 16-row m-tiles per warp (4 warps), key tiles of PREFILL_KEYS, a ring
 # of PREFILL_STAGES key tiles. Variants are compile-time defines of attention_prefill.cu.
@@ -216,8 +216,8 @@ def _check(qkv, k_cache, v_cache, meta, out, k_scale, v_scale):
     _, hkv, block_size, d = k_cache.shape
     if block_size != BLOCK_SIZE:
         raise ValueError(f"cache block size must be {BLOCK_SIZE}, got {block_size}")
-    if d not in HEAD_DIMS:
-        raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {d}")
+    if head_dim_problem(d):
+        raise ValueError(head_dim_problem(d))
     if qkv.ndim != 2 or out.ndim != 2 or qkv.shape[0] != out.shape[0]:
         raise ValueError(f"qkv [T, cols] and out [T, Hq*D] must be 2-D with equal rows, got {qkv.shape} {out.shape}")
     if out.shape[1] % d or (out.shape[1] // d) % hkv:

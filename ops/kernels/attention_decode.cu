@@ -22,7 +22,7 @@
 // v_scale [Hkv]. cp.async lands a page's codes in the ring (half the bytes of an fp16 page); the warp
 // decodes them into one fp16/bf16 tile of the usual layout, and the tensor-core loop runs unchanged.
 // The K scale is folded into the softmax scale, the V scale into the output (both are linear there).
-// nvcc-variants: -DT=half; -DT=__nv_bfloat16; -DT=__nv_bfloat16 -DHEAD_DIM=64; -DT=half -DHEAD_DIM=16; -DT=half -DKV_FP8=1; -DT=__nv_bfloat16 -DKV_FP8=1 -DHEAD_DIM=64; -DT=half -DKV_FP8=1 -DHEAD_DIM=16; -DT=half -DSLIDING=1; -DT=__nv_bfloat16 -DSLIDING=1 -DHEAD_DIM=64; -DT=half -DKV_FP8=1 -DSLIDING=1
+// nvcc-variants: -DT=half; -DT=__nv_bfloat16; -DT=__nv_bfloat16 -DHEAD_DIM=64; -DT=half -DHEAD_DIM=16; -DT=half -DKV_FP8=1; -DT=__nv_bfloat16 -DKV_FP8=1 -DHEAD_DIM=64; -DT=half -DKV_FP8=1 -DHEAD_DIM=16; -DT=half -DSLIDING=1; -DT=__nv_bfloat16 -DSLIDING=1 -DHEAD_DIM=64; -DT=half -DKV_FP8=1 -DSLIDING=1; -DT=half -DHEAD_DIM=80; -DT=__nv_bfloat16 -DHEAD_DIM=96 -DKV_FP8=1; -DT=half -DHEAD_DIM=96 -DSLIDING=1; -DT=half -DHEAD_DIM=112 -DKV_FP8=1
 // nvcc-spills-allowed: sm_80 -DT=half -DSLIDING=1 (28 bytes: the window bound is the 171st register at D=128; none on sm_90a)
 // nvcc-spills-allowed: sm_89 -DT=half -DSLIDING=1 (the same)
 #include "mma.cuh"
@@ -51,7 +51,6 @@
 
 #define PAGE 16                              // tokens per cache block (fixed by the engine)
 #define CHUNKS (HEAD_DIM / 8)                // 16-byte chunks per token row
-#define SWZ ((CHUNKS < 8 ? CHUNKS : 8) - 1)  // XOR swizzle of chunk by row: conflict-free ldmatrix
 #define PAGE_BYTES (PAGE * HEAD_DIM * 2)     // one page of K (or V) as T
 #if KV_FP8
 typedef unsigned char kv_t;
@@ -66,12 +65,10 @@ typedef T kv_t;
 #define DTILES (HEAD_DIM / 8)                // mma n-tiles over head_dim
 #define O_STRIDE (HEAD_DIM + 8)              // fp32 row stride of the merge buffer (bank spread)
 
-static_assert(HEAD_DIM % 16 == 0 && (CHUNKS & (CHUNKS - 1)) == 0, "HEAD_DIM must be 16 * 2^k");
+static_assert(HEAD_DIM % 16 == 0, "HEAD_DIM must be a multiple of 16");
 
-// Byte offset of 16-byte chunk `chunk` of token row `row` inside a swizzled page tile.
-__device__ __forceinline__ unsigned swz(int row, int chunk) {
-    return (unsigned)((row * CHUNKS + (chunk ^ (row & SWZ))) * 16);
-}
+// Byte offset of 16-byte chunk `chunk` of token row `row` inside a swizzled tile (mma.cuh).
+__device__ __forceinline__ unsigned swz(int row, int chunk) { return (unsigned)tile_offset<CHUNKS>(row, chunk); }
 
 // How sequence of length seq_len is split: returns the number of non-empty splits, sets *chunk
 // (tokens per split, a multiple of PAGE). The combine kernel calls this too: same answer.

@@ -15,7 +15,7 @@
 // KV_FP8: an E4M3 cache with float32 k_scale / v_scale [Hkv], as in attention_decode.cu: the ring holds
 // the tiles' codes, the CTA decodes each into one T tile of the usual layout; scales fold into the softmax
 // scale and the output.
-// nvcc-variants: -DT=half; -DT=__nv_bfloat16; -DT=half -DHEAD_DIM=64; -DT=half -DHEAD_DIM=16 -DSTAGES=3; -DT=half -DMT=2 -DBN=32 -DSTAGES=3; -DT=half -DKV_FP8=1; -DT=__nv_bfloat16 -DKV_FP8=1 -DHEAD_DIM=64; -DT=half -DKV_FP8=1 -DHEAD_DIM=16
+// nvcc-variants: -DT=half; -DT=__nv_bfloat16; -DT=half -DHEAD_DIM=64; -DT=half -DHEAD_DIM=16 -DSTAGES=3; -DT=half -DMT=2 -DBN=32 -DSTAGES=3; -DT=half -DKV_FP8=1; -DT=__nv_bfloat16 -DKV_FP8=1 -DHEAD_DIM=64; -DT=half -DKV_FP8=1 -DHEAD_DIM=16; -DT=half -DHEAD_DIM=80; -DT=__nv_bfloat16 -DHEAD_DIM=96 -DKV_FP8=1; -DT=half -DHEAD_DIM=112
 #include "mma.cuh"
 
 #ifndef T
@@ -38,7 +38,6 @@
 #endif
 #define PAGE 16                              // tokens per cache block
 #define CHUNKS (HEAD_DIM / 8)                // 16-byte chunks per row
-#define SWZ ((CHUNKS < 8 ? CHUNKS : 8) - 1)
 #define KSTEPS (HEAD_DIM / 16)
 #define DTILES (HEAD_DIM / 8)
 #define Q_BYTES (BM * HEAD_DIM * 2)
@@ -54,11 +53,10 @@ typedef T kv_t;
 #define RAW_BYTES TILE_BYTES
 #endif
 
-static_assert(HEAD_DIM % 16 == 0 && (CHUNKS & (CHUNKS - 1)) == 0, "HEAD_DIM must be 16 * 2^k");
+static_assert(HEAD_DIM % 16 == 0, "HEAD_DIM must be a multiple of 16");
 
-__device__ __forceinline__ unsigned swz(int row, int chunk) {
-    return (unsigned)((row * CHUNKS + (chunk ^ (row & SWZ))) * 16);
-}
+// Byte offset of 16-byte chunk `chunk` of token row `row` inside a swizzled tile (mma.cuh).
+__device__ __forceinline__ unsigned swz(int row, int chunk) { return (unsigned)tile_offset<CHUNKS>(row, chunk); }
 
 // Copy key tile `tile` (BN tokens of K and V for one KV head, from key key_base + tile * BN) into a stage; keys
 // >= num_keys are zeros.

@@ -32,6 +32,21 @@ template <> struct Mma<__nv_bfloat16> {
     }
 };
 
+// Where 16-byte chunk c of row `row` lies in a shared tile of CH chunks a row (head_dim / 8): byte offset
+// (row * CH + swizzled c) * 16. The XOR swizzle spreads the 8 rows an ldmatrix reads at one logical chunk over
+// the banks. Chunks go in aligned groups of 8, swizzled by row & 7. A last partial group (CH % 8 of 2, 4 or 6
+// chunks: head_dim 80, 96, 112, or 16, 32, 48) swizzles its first P chunks, P the largest power of two in it, by
+// row & (P - 1) and leaves the rest in place: a permutation of the row's chunks for every even CH, and, for
+// head_dim 16 * 2^k, the map these kernels have always used.
+template <int CH> __host__ __device__ __forceinline__ int tile_offset(int row, int c) {
+    static_assert(CH % 2 == 0, "rows of a whole number of 32-byte pieces (head_dim a multiple of 16)");
+    constexpr int FULL = CH / 8 * 8, REM = CH % 8, P = REM >= 4 ? 4 : REM;
+    constexpr bool POW2 = (CH & (CH - 1)) == 0;  // one XOR for the whole row, as before
+    const int sc = POW2 ? c ^ (row & ((CH < 8 ? CH : 8) - 1))
+                        : c < FULL ? c ^ (row & 7) : c < FULL + P ? c ^ (row & (P - 1)) : c;
+    return (row * CH + sc) * 16;
+}
+
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
     unsigned a;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
@@ -85,16 +100,15 @@ template <typename X> __device__ __forceinline__ void e4m3x16(const uint4& in, u
                     e4m3x2<X>(__byte_perm(in.w, 0, 0x1404)), e4m3x2<X>(__byte_perm(in.w, 0, 0x3424)));
 }
 // Rows of HEAD E4M3 codes, contiguous at `raw` (shared memory, as cp.async landed them), into the attention
-// kernels' swizzled X tile at `dst`: 16-byte chunk c of row r at byte (r * HEAD/8 + (c ^ (r & swz))) * 16.
-// Threads first, first + step, ... take the n16 16-code pieces.
+// kernels' swizzled X tile at `dst` (tile_offset). Threads first, first + step, ... take the n16 16-code pieces.
 template <typename X, int HEAD>
 __device__ __forceinline__ void e4m3_tile(unsigned char* dst, const unsigned char* raw, int n16, int first, int step) {
-    constexpr int PIECES = HEAD / 16, CH = HEAD / 8, SW = (CH < 8 ? CH : 8) - 1;
+    constexpr int PIECES = HEAD / 16;
     for (int i = first; i < n16; i += step) {
         const int row = i / PIECES, c = 2 * (i % PIECES);
         uint4 lo, hi;
         e4m3x16<X>(*reinterpret_cast<const uint4*>(raw + 16 * i), lo, hi);
-        *reinterpret_cast<uint4*>(dst + (row * CH + (c ^ (row & SW))) * 16) = lo;
-        *reinterpret_cast<uint4*>(dst + (row * CH + ((c + 1) ^ (row & SW))) * 16) = hi;
+        *reinterpret_cast<uint4*>(dst + tile_offset<HEAD / 8>(row, c)) = lo;
+        *reinterpret_cast<uint4*>(dst + tile_offset<HEAD / 8>(row, c + 1)) = hi;
     }
 }

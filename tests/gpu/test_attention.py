@@ -18,7 +18,8 @@ from ops.metadata import AttentionMetadata
 # the output is rounded once (fp16 2^-11, bf16 2^-8 relative), |ref| stays below about 4.
 TOLERANCE = {"float16": (3e-3, 3e-3), "bfloat16": (2e-2, 2e-2)}
 QWEN, LLAMA = (28, 4, 128), (32, 8, 128)  # (Hq, Hkv, D)
-ODD_HEADS = [(4, 2, 16), (4, 2, 32), (14, 2, 64), (40, 2, 128)]  # tiny test models, 0.5B, group 20 > 16
+ODD_HEADS = [(4, 2, 16), (4, 2, 32), (14, 2, 64), (40, 2, 128),  # tiny test models, 0.5B, group 20 > 16
+             (8, 8, 80), (16, 4, 96), (6, 2, 112)]  # head sizes off the powers of two (Phi-2 80, Phi-3 96)
 MAX_MODEL_LEN = 32768
 
 
