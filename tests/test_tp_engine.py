@@ -215,9 +215,9 @@ def test_a_rank_shape_the_backend_cannot_run_is_refused_at_start_up_and_leaves_n
 def test_a_head_size_the_attention_kernels_cannot_run_is_refused_at_start_up(checkpoint, tmp_path, monkeypatch,
                                                                             head_dim, refused):
     """The CUDA attention kernels take head_dim a multiple of 16 up to 128 (ops.cuda_shapes, what
-    CudaBackend.unsupported answers): 80 passes the check and a head_dim-80 checkpoint serves, 72 and 256 are refused by name before any weight
-    moves (the checkpoint's projections are shaped for 32: loading them would fail later, with a weights error). The
-    numpy backend is given CUDA's rule here."""
+    CudaBackend.unsupported answers): 80 passes the check and a head_dim-80 checkpoint serves; 72 and 256 are refused
+    by name before any weight moves (the checkpoint's projections are shaped for 32: loading them would fail later,
+    with a weights error). The numpy backend is given CUDA's rule here."""
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
     from ops.backend import NumpyBackend
