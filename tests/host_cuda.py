@@ -73,7 +73,11 @@ EMU_API dim3 blockDim, gridDim;
 EMU_API void emu_syncthreads(void);
 EMU_API void emu_syncwarp(unsigned mask);
 EMU_API unsigned long long emu_shfl(int kind, unsigned mask, unsigned long long bits, int arg, int width);
+EMU_API const unsigned char *emu_exchange(const void *mine, int bytes);
 EMU_API void emu_misaligned(const void *p, int align, const char *what);
+EMU_API void emu_fail(const char *what);
+EMU_API unsigned char *emu_dyn_smem;
+EMU_API long long emu_dyn_smem_bytes;
 static const int warpSize = 32;
 
 static inline void emu_aligned(const void *p, int align, const char *what) {
@@ -197,7 +201,9 @@ static void ctx_make(Ctx *c, char *stack, size_t size, void (*entry)()) {
 #endif
 
 enum { RUN, AT_WARP, AT_BLOCK, DONE };
-static const char *WARP_OPS[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync", "__syncwarp"};
+static const char *WARP_OPS[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync", "__syncwarp",
+                                 "a warp-collective (mma.sync, ldmatrix)"};
+enum { XSLOT = 64 };  // bytes a lane puts into a warp-collective exchange
 struct Fiber { Ctx ctx; int state, warp_op; long long nwarp, nblock; };
 
 static Fiber *g_f;
@@ -206,6 +212,11 @@ static volatile int g_cur = -1;
 static int g_nt;
 static long long g_block;
 static unsigned long long *g_slots;  // [2][nt]: shuffle k writes half k & 1
+static unsigned char *g_xslots;       // [2][nt][XSLOT]: the same for warp-collective exchanges
+EMU_API unsigned char *emu_dyn_smem;  // the block's dynamic shared memory (extern __shared__), refilled per block
+EMU_API long long emu_dyn_smem_bytes;
+unsigned char *emu_dyn_smem;
+long long emu_dyn_smem_bytes;
 static void (*g_invoke)(void **);
 static void **g_args;
 static char g_err[2048];
@@ -278,6 +289,22 @@ fail("%s: width %d is not a power of 2 up to 32", WARP_OPS[kind], width); abando
         case 3: src = (lane ^ arg) >= seg + width ? lane : (lane ^ arg); break;
     }
     return g_slots[half + (me - lane) + src];
+}
+
+// A warp-collective op (the host versions of mma.sync and ldmatrix, tests/host_mma.py): every lane puts `bytes` of
+// its operands in, waits for the warp, and reads all 32 lanes' (lane l's at l * XSLOT), until its next warp barrier.
+EMU_API const unsigned char *emu_exchange(const void *mine, int bytes) {
+    if (bytes > XSLOT) { fail("emu_exchange of %d bytes: at most %d", bytes, (int)XSLOT); abandon(); }
+    const int me = g_cur, lane = me & 31;
+    unsigned char *half = g_xslots + (size_t)(g_f[me].nwarp & 1) * g_nt * XSLOT;
+    memcpy(half + (size_t)me * XSLOT, mine, (size_t)bytes);
+    warp_barrier(5);
+    return half + (size_t)(me - lane) * XSLOT;
+}
+
+EMU_API void emu_fail(const char *what) {
+    fail("%s", what);
+    abandon();
 }
 
 static void fiber_entry() {
@@ -369,8 +396,11 @@ EMU_API void *emu_map(size_t len) {
 EMU_API int emu_guard(void *p, size_t len) { return mprotect(p, len, PROT_NONE); }
 EMU_API int emu_unmap(void *p, size_t len) { return munmap(p, len); }
 
-// 0: done; -1: failed (emu_error says why; emu_fault_address is set for a fault)
-EMU_API int emu_launch(void (*invoke)(void **), void **args, long long blocks, int nt, long long stack_bytes) {
+// 0: done; -1: failed (emu_error says why; emu_fault_address is set for a fault). A grid of gx x gy x gz blocks
+// (x fastest), each with smem_bytes of dynamic shared memory (0xff filler, a guard page after it).
+EMU_API int emu_launch_grid(void (*invoke)(void **), void **args, long long gx, long long gy, long long gz, int nt,
+                            long long stack_bytes, long long smem_bytes) {
+    const long long blocks = gx * gy * gz;
     g_failed = 0;
     g_err[0] = 0;
     g_addr = nullptr;
@@ -384,14 +414,21 @@ return -1; }
     g_stacks = (char *)emu_map(g_stacks_len);
     g_f = (Fiber *)calloc((size_t)nt, sizeof(Fiber));
     g_slots = (unsigned long long *)calloc(2 * (size_t)nt, sizeof(unsigned long long));
-    if (!g_stacks || !g_f || !g_slots) { fail("out of memory for %d fiber stacks", nt); return -1; }
+    g_xslots = (unsigned char *)calloc(2 * (size_t)nt, XSLOT);
+    const size_t smem_len = ((size_t)smem_bytes + page - 1) / page * page;
+    unsigned char *smem_map = smem_bytes ? (unsigned char *)emu_map(smem_len + page) : nullptr;
+    if (!g_stacks || !g_f || !g_slots || !g_xslots || (smem_bytes && !smem_map)) { \
+fail("out of memory for %d fiber stacks", nt); return -1; }
+    if (smem_map) emu_guard(smem_map + smem_len, page);
+    emu_dyn_smem = smem_map ? smem_map + (smem_len - (size_t)smem_bytes) / 128 * 128 : nullptr;
+    emu_dyn_smem_bytes = smem_bytes;
     for (int t = 0; t < nt; ++t) emu_guard(g_stacks + (size_t)t * g_stack, page);
     g_nt = nt;
     g_invoke = invoke;
     g_args = args;
     blockDim.x = (unsigned)nt; blockDim.y = blockDim.z = 1;
-    gridDim.x = (unsigned)blocks; gridDim.y = gridDim.z = 1;
-    threadIdx.y = threadIdx.z = blockIdx.y = blockIdx.z = 0;
+    gridDim.x = (unsigned)gx; gridDim.y = (unsigned)gy; gridDim.z = (unsigned)gz;
+    threadIdx.y = threadIdx.z = 0;
 
     static char altstack[1 << 16];
     stack_t ss, old_ss;
@@ -423,7 +460,10 @@ return -1; }
     } else {
         for (long long b = 0; b < blocks; ++b) {
             g_block = b;
-            blockIdx.x = (unsigned)b;
+            blockIdx.x = (unsigned)(b % gx);
+            blockIdx.y = (unsigned)(b / gx % gy);
+            blockIdx.z = (unsigned)(b / (gx * gy));
+            if (emu_dyn_smem) memset(emu_dyn_smem, 0xff, (size_t)smem_bytes);  // uninitialised: NaN in every format
             if (run_block(!(b & 1))) { rc = -1; break; }
         }
     }
@@ -432,10 +472,18 @@ return -1; }
     munmap(g_stacks, g_stacks_len);
     free(g_f);
     free(g_slots);
+    free(g_xslots);
+    if (smem_map) munmap(smem_map, smem_len + page);
+    emu_dyn_smem = nullptr;
     g_f = nullptr;
     g_slots = nullptr;
+    g_xslots = nullptr;
     g_stacks = nullptr;
     return rc;
+}
+
+EMU_API int emu_launch(void (*invoke)(void **), void **args, long long blocks, int nt, long long stack_bytes) {
+    return emu_launch_grid(invoke, args, blocks, 1, 1, nt, stack_bytes, 0);
 }
 """
 
@@ -444,7 +492,8 @@ STACK_BYTES = 256 << 10  # per emulated thread (touched pages only)
 _lock = threading.Lock()
 _libs: dict[str, ctypes.CDLL] = {}
 _runtime: ctypes.CDLL | None = None
-_SIGNATURE = re.compile(r'extern "C" __global__ void __launch_bounds__\((\d+)\)\s*(\w+)\(([^)]*)\)\s*\{')
+_SIGNATURE = re.compile(r'extern "C" __global__ void __launch_bounds__\(([^)]*)\)\s*(\w+)\(([^)]*)\)\s*\{')
+_DYNAMIC_SMEM = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?unsigned char (\w+)\[\];")
 
 
 def available() -> bool:
@@ -490,6 +539,9 @@ def runtime() -> ctypes.CDLL:
         lib = ctypes.CDLL(_build(RUNTIME, "emu_runtime", defines), mode=ctypes.RTLD_GLOBAL)
         lib.emu_launch.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_longlong]
         lib.emu_launch.restype = ctypes.c_int
+        lib.emu_launch_grid.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong,
+                                        ctypes.c_longlong, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+        lib.emu_launch_grid.restype = ctypes.c_int
         lib.emu_error.restype = ctypes.c_char_p
         lib.emu_fault_address.restype = ctypes.c_void_p
         lib.emu_map.argtypes = [ctypes.c_size_t]
@@ -501,10 +553,12 @@ def runtime() -> ctypes.CDLL:
 
 def parse_params(source: str, name: str, nt: int) -> list[tuple[str, str]]:
     """(C type, name) of each parameter of the generated kernel `name`, read from its signature."""
-    m = next((m for m in _SIGNATURE.finditer(source) if m.group(2) == name), None)
+    uncommented = re.sub(r"//[^\n]*", "", source)  # comments among the parameters may hold parentheses
+    m = next((m for m in _SIGNATURE.finditer(uncommented) if m.group(2) == name), None)
     if m is None:
         raise ValueError(f"no extern \"C\" __global__ kernel named {name} in the source")
-    if int(m.group(1)) != nt:
+    bound = m.group(1).split(",")[0].strip()
+    if bound.isdigit() and int(bound) != nt:  # an expression of macros (NUM_WARPS * 32) is not checked
         raise ValueError(f"{name}: __launch_bounds__({m.group(1)}) but launched with {nt} threads")
     params = []
     for p in m.group(3).split(","):
@@ -520,6 +574,8 @@ def host_source(source: str, name: str, nt: int) -> tuple[str, list[tuple[str, s
     params = parse_params(source, name, nt)
     call = ", ".join(f"({t})a[{i}]" if t.endswith("*") else f"*({t} *)a[{i}]" for i, (t, _) in enumerate(params))
     wrapper = f'\nEMU_API void emu_invoke(void **a) {{ {name}({call}); }}\n'
+    # dynamic shared memory (the launch's shared_mem bytes) is the runtime's per-block buffer
+    source = _DYNAMIC_SMEM.sub(r"unsigned char *\1 = emu_dyn_smem;", source)
     return HOST_PRELUDE + source + wrapper, params
 
 
@@ -589,11 +645,14 @@ def emulate(ir: KernelIR, nt: int, arrays, grid, scalars) -> None:
                what=f"{ir.name} ({nt} threads, grid {tuple(grid)})")
 
 
-def run_source(source: str, name: str, nt: int, blocks: int, args, what: str | None = None) -> None:
-    """Run kernel `name` of CUDA C `source` over `blocks` blocks of `nt` threads on the CPU. `args` in parameter
-    order: C-contiguous numpy arrays for pointers (written in place through the non-const ones), numpy int32 or
-    float32 scalars."""
-    what = what or f"{name} ({nt} threads, {blocks} blocks)"
+def run_source(source: str, name: str, nt: int, blocks, args, what: str | None = None, shared_mem: int = 0) -> None:
+    """Run kernel `name` of CUDA C `source` over `blocks` blocks (a count, or a grid (x, y, z)) of `nt` threads on
+    the CPU, with `shared_mem` bytes of dynamic shared memory. `args` in parameter order: C-contiguous numpy arrays
+    for pointers (written in place through the non-const ones), numpy int32 or float32 scalars."""
+    grid = tuple(blocks) + (1,) * (3 - len(blocks)) if isinstance(blocks, (tuple, list)) else (int(blocks), 1, 1)
+    what = what or f"{name} ({nt} threads, grid {grid})"
+    if 0 in grid:
+        return
     with _lock:
         lib = _library(source, name, nt)
         if len(args) != len(lib.params):
@@ -637,7 +696,8 @@ def run_source(source: str, name: str, nt: int, blocks: int, args, what: str | N
                 ptrs[i] = ctypes.addressof(c)
             argv = (ctypes.c_void_p * len(args))(*(ptrs[i] for i in range(len(args))))
             rt = runtime()
-            rc = rt.emu_launch(ctypes.cast(lib.emu_invoke, ctypes.c_void_p).value, argv, blocks, nt, STACK_BYTES)
+            rc = rt.emu_launch_grid(ctypes.cast(lib.emu_invoke, ctypes.c_void_p).value, argv, *grid, nt, STACK_BYTES,
+                                    shared_mem)
             if rc:
                 message = rt.emu_error().decode()
                 addr = rt.emu_fault_address()

@@ -3,10 +3,10 @@
 // the #include line by ops/cuda/compile.py; nvcc finds it beside the .cu. Also the E4M3 decode of an FP8 KV
 // cache into the same swizzled tiles.
 #pragma once
+#define NEG_INF (-__int_as_float(0x7f800000))
+#ifndef CUPYLLM_HOST_EMU  // tests/host_mma.py: host versions of the types and of these PTX wrappers, for the emulator
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
-
-#define NEG_INF (-__int_as_float(0x7f800000))
 
 template <typename X> struct Mma;
 template <> struct Mma<half> {
@@ -32,21 +32,6 @@ template <> struct Mma<__nv_bfloat16> {
     }
 };
 
-// Where 16-byte chunk c of row `row` lies in a shared tile of CH chunks a row (head_dim / 8): byte offset
-// (row * CH + swizzled c) * 16. The XOR swizzle spreads the 8 rows an ldmatrix reads at one logical chunk over
-// the banks. Chunks go in aligned groups of 8, swizzled by row & 7. A last partial group (CH % 8 of 2, 4 or 6
-// chunks: head_dim 80, 96, 112, or 16, 32, 48) swizzles its first P chunks, P the largest power of two in it, by
-// row & (P - 1) and leaves the rest in place: a permutation of the row's chunks for every even CH, and, for
-// head_dim 16 * 2^k, the map these kernels have always used.
-template <int CH> __host__ __device__ __forceinline__ int tile_offset(int row, int c) {
-    static_assert(CH % 2 == 0, "rows of a whole number of 32-byte pieces (head_dim a multiple of 16)");
-    constexpr int FULL = CH / 8 * 8, REM = CH % 8, P = REM >= 4 ? 4 : REM;
-    constexpr bool POW2 = (CH & (CH - 1)) == 0;  // one XOR for the whole row, as before
-    const int sc = POW2 ? c ^ (row & ((CH < 8 ? CH : 8) - 1))
-                        : c < FULL ? c ^ (row & 7) : c < FULL + P ? c ^ (row & (P - 1)) : c;
-    return (row * CH + sc) * 16;
-}
-
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
     unsigned a;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
@@ -71,6 +56,22 @@ __device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx: exp2(-inf)
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
+}
+#endif  // CUPYLLM_HOST_EMU
+
+// Where 16-byte chunk c of row `row` lies in a shared tile of CH chunks a row (head_dim / 8): byte offset
+// (row * CH + swizzled c) * 16. The XOR swizzle spreads the 8 rows an ldmatrix reads at one logical chunk over
+// the banks. Chunks go in aligned groups of 8, swizzled by row & 7. A last partial group (CH % 8 of 2, 4 or 6
+// chunks: head_dim 80, 96, 112, or 16, 32, 48) swizzles its first P chunks, P the largest power of two in it, by
+// row & (P - 1) and leaves the rest in place: a permutation of the row's chunks for every even CH, and, for
+// head_dim 16 * 2^k, the map these kernels have always used.
+template <int CH> __host__ __device__ __forceinline__ int tile_offset(int row, int c) {
+    static_assert(CH % 2 == 0, "rows of a whole number of 32-byte pieces (head_dim a multiple of 16)");
+    constexpr int FULL = CH / 8 * 8, REM = CH % 8, P = REM >= 4 ? 4 : REM;
+    constexpr bool POW2 = (CH & (CH - 1)) == 0;  // one XOR for the whole row, as before
+    const int sc = POW2 ? c ^ (row & ((CH < 8 ? CH : 8) - 1))
+                        : c < FULL ? c ^ (row & 7) : c < FULL + P ? c ^ (row & (P - 1)) : c;
+    return (row * CH + sc) * 16;
 }
 
 // E4M3 codes (OCP FP8, the KV cache as ops/quant.Fp8Cache stores it) to fp16, exact for every finite code and
