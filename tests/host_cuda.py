@@ -204,6 +204,7 @@ enum { RUN, AT_WARP, AT_BLOCK, DONE };
 static const char *WARP_OPS[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync", "__syncwarp",
                                  "a warp-collective (mma.sync, ldmatrix)"};
 enum { XSLOT = 64 };  // bytes a lane puts into a warp-collective exchange
+#define EMU_MAX_DYN_SMEM (256 << 10)  // an H100 block's is 227 KB
 struct Fiber { Ctx ctx; int state, warp_op; long long nwarp, nblock; };
 
 static Fiber *g_f;
@@ -415,12 +416,15 @@ return -1; }
     g_f = (Fiber *)calloc((size_t)nt, sizeof(Fiber));
     g_slots = (unsigned long long *)calloc(2 * (size_t)nt, sizeof(unsigned long long));
     g_xslots = (unsigned char *)calloc(2 * (size_t)nt, XSLOT);
-    const size_t smem_len = ((size_t)smem_bytes + page - 1) / page * page;
-    unsigned char *smem_map = smem_bytes ? (unsigned char *)emu_map(smem_len + page) : nullptr;
-    if (!g_stacks || !g_f || !g_slots || !g_xslots || (smem_bytes && !smem_map)) { \
+    // one mapping for every launch (the same addresses each time), the used part ending at its guard page
+    static unsigned char *smem_map;
+    const size_t smem_len = (size_t)EMU_MAX_DYN_SMEM;
+    if (!smem_map && (smem_map = (unsigned char *)emu_map(smem_len + page))) emu_guard(smem_map + smem_len, page);
+    if (!g_stacks || !g_f || !g_slots || !g_xslots || !smem_map) { \
 fail("out of memory for %d fiber stacks", nt); return -1; }
-    if (smem_map) emu_guard(smem_map + smem_len, page);
-    emu_dyn_smem = smem_map ? smem_map + (smem_len - (size_t)smem_bytes) / 128 * 128 : nullptr;
+    if (smem_bytes < 0 || smem_bytes > EMU_MAX_DYN_SMEM) { \
+fail("%lld bytes of dynamic shared memory: at most %d are emulated", smem_bytes, EMU_MAX_DYN_SMEM); return -1; }
+    emu_dyn_smem = smem_bytes ? smem_map + (smem_len - (size_t)smem_bytes) / 128 * 128 : nullptr;
     emu_dyn_smem_bytes = smem_bytes;
     for (int t = 0; t < nt; ++t) emu_guard(g_stacks + (size_t)t * g_stack, page);
     g_nt = nt;
@@ -473,7 +477,6 @@ fail("out of memory for %d fiber stacks", nt); return -1; }
     free(g_f);
     free(g_slots);
     free(g_xslots);
-    if (smem_map) munmap(smem_map, smem_len + page);
     emu_dyn_smem = nullptr;
     g_f = nullptr;
     g_slots = nullptr;

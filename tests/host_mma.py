@@ -77,6 +77,8 @@ static inline __half2 __floats2half2_rn(float a, float b) { __half2 r; r.x = __h
 static inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
     __nv_bfloat162 r; r.x = __nv_bfloat16(a); r.y = __nv_bfloat16(b); return r;
 }
+static inline __half __float2half_rn(float f) { return __half(f); }
+static inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16(f); }
 static inline __half __ushort_as_half(unsigned short u) { __half h; h.x = u; return h; }
 static inline __half2 __halves2half2(__half a, __half b) { __half2 r; r.x = a; r.y = b; return r; }
 static inline __half2 __hmul2(__half2 a, __half2 b) {
@@ -124,18 +126,34 @@ template <> struct Mma<__nv_bfloat16> {
     static inline unsigned pack(float lo, float hi) { return emu_f2b(lo) | (unsigned)emu_f2b(hi) << 16; }
 };
 
-static inline unsigned char* emu_shared(unsigned addr, unsigned bytes, const char* what) {
-    if ((long long)addr + bytes > emu_dyn_smem_bytes) emu_fail(what);
-    return emu_dyn_smem + addr;
-}
+// A shared address is 32 bits: slot << 20 | the low 20 bits of the host address, the slot naming its 1 MB chunk
+// (and slot + 1 the next chunk, so an offset added to an address may cross into it). Dynamic and static __shared__
+// arrays alike; the runtime's dynamic shared memory is at the same host address in every launch.
+static unsigned long long emu_chunks[4096];
+static int emu_nchunks;
 static inline unsigned smem_addr(const void* p) {
-    const long long off = (const unsigned char*)p - emu_dyn_smem;
-    if (off < 0 || off > emu_dyn_smem_bytes) emu_fail("smem_addr of a pointer outside the dynamic shared memory");
-    return (unsigned)off;
+    const unsigned long long a = (unsigned long long)p, c = a >> 20;
+    int s = 0;
+    while (s < emu_nchunks && emu_chunks[s] != c) s += 2;
+    if (s == emu_nchunks) {
+        if (s + 2 > 4096) emu_fail("smem_addr: more than 2048 chunks of host memory named as shared");
+        emu_chunks[s] = c;
+        emu_chunks[s + 1] = c + 1;
+        emu_nchunks += 2;
+    }
+    return (unsigned)s << 20 | (unsigned)(a & 0xfffff);
+}
+static inline unsigned char* emu_shared(unsigned addr, unsigned bytes, const char* what) {
+    if ((int)(addr >> 20) >= emu_nchunks) emu_fail(what);
+    unsigned char* p = (unsigned char*)(emu_chunks[addr >> 20] << 20 | (addr & 0xfffff));
+    const unsigned char* dyn_end = emu_dyn_smem + emu_dyn_smem_bytes;
+    if (emu_dyn_smem && p >= emu_dyn_smem - 4096 && p < dyn_end + 4096 && (p < emu_dyn_smem || p + bytes > dyn_end))
+        emu_fail(what);
+    return p;
 }
 static inline void cp_async16(unsigned dst, const void* src, int src_bytes) {
     if (dst % 16) emu_fail("cp.async to a shared address not 16-byte aligned");
-    unsigned char* d = emu_shared(dst, 16, "cp.async past the dynamic shared memory");
+    unsigned char* d = emu_shared(dst, 16, "cp.async outside the shared memory");
     if (src_bytes < 0 || src_bytes > 16) emu_fail("cp.async src-size outside 0..16");
     if (src_bytes) { emu_aligned(src, 16, "cp.async source"); memcpy(d, src, (size_t)src_bytes); }
     memset(d + src_bytes, 0, (size_t)(16 - src_bytes));
@@ -151,7 +169,7 @@ static inline void emu_ldmatrix(unsigned* r, unsigned addr, bool trans) {
         unsigned a;
         memcpy(&a, all + l * EMU_XSLOT, 4);
         if (a % 16) emu_fail("ldmatrix row address not 16-byte aligned");
-        return emu_shared(a, 16, "ldmatrix past the dynamic shared memory");
+        return emu_shared(a, 16, "ldmatrix outside the shared memory");
     };
     for (int j = 0; j < 4; ++j) {
         if (!trans) {
@@ -168,7 +186,7 @@ static inline void emu_ldmatrix(unsigned* r, unsigned addr, bool trans) {
 static inline void ldmatrix_x4(unsigned* r, unsigned addr) { emu_ldmatrix(r, addr, false); }
 static inline void ldmatrix_x4_trans(unsigned* r, unsigned addr) { emu_ldmatrix(r, addr, true); }
 static inline float fast_exp2(float x) { return exp2f(x); }
-#line 1 "attention kernel"
+#line 1 "kernel"
 """
 
 

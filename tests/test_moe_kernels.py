@@ -1,7 +1,7 @@
 """The GPU's MoE routing kernels (ops/kernels/moe_route.cu) run on the CPU by tests/host_cuda.py with T = float, and
 the whole launch sequence of ops/cuda/moe.py held to ops/reference.moe, the grouped GEMM's contract (which rows each
-tile covers, x gathered by token) played by numpy. The GEMM's tensor-core loop itself runs on the GPU only
-(tests/gpu/test_moe_gpu.py)."""
+tile covers, x gathered by token) played by numpy. The grouped GEMM itself (ops/kernels/moe_gemm.cu, tensor cores)
+runs here too, in fp16 and bf16, with tests/host_mma.py's mma.sync, ldmatrix and cp.async, against that contract."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +10,8 @@ import pytest
 from ops import reference
 from ops.kernel_source import kernel_source
 from ops.moe_layout import max_tiles, tile_rows
-from tests import host_cuda
+from tests import host_cuda, host_mma
+from tests.attention_cases import to_float32, to_storage
 
 pytestmark = pytest.mark.skipif(not host_cuda.available(), reason="needs g++ for the CUDA emulator")
 i32 = np.int32
@@ -117,3 +118,30 @@ def test_the_launch_sequence_computes_the_reference_moe(rng, with_shared):
     ref = np.empty_like(out)
     reference.moe(x, router, gate_up, down, k, normalize, ref, shared)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("t, e, k, n, kdim", [(3, 8, 2, 64, 32), (45, 6, 3, 136, 72), (20, 4, 2, 40, 200)])
+def test_grouped_gemm_kernel_equals_its_contract(rng, dtype, t, e, k, n, kdim):
+    """moe_gemm.cu: each expert's rows (gathered by token, and not) times its weight, N and K not multiples of the
+    64 x 32 tile, BM 16 (a few rows an expert) or 64 as tile_rows picks it; rows past an expert's end untouched."""
+    pairs = t * k
+    bm = tile_rows(pairs, e)
+    route = _source(bm, True, False)
+    ids, _, counts = _route(route, rng.normal(0, 2, (t, e)).astype(np.float32), k)
+    cursor, tile_expert, tile_row, num = _offsets(route, counts, max_tiles(pairs, e, bm))
+    src, pos = np.zeros(pairs, i32), np.zeros(pairs, i32)
+    host_cuda.run_source(route, "moe_permute", 128, -(-pairs // 128), [ids.ravel().copy(), i32(pairs), i32(k), cursor,
+                                                                       src, pos])
+    ctype = {"float16": "half", "bfloat16": "__nv_bfloat16"}[dtype]
+    gemm = host_mma.emulated_source("moe_gemm.cu", {"T": ctype, "BM": bm})
+    for gather, rows in ((True, t), (False, pairs)):
+        a = to_storage(rng.normal(size=(rows, kdim)).astype(np.float32), dtype)
+        w = to_storage(rng.normal(0, .3, (e, n, kdim)).astype(np.float32), dtype)
+        out = np.full((pairs, n), 0x7e00 if dtype == "float16" else 0x7fc0, np.uint16).view(a.dtype)  # NaN
+        host_cuda.run_source(gemm, "moe_gemm", 128, (max_tiles(pairs, e, bm), -(-n // 64)),
+                             [a, w, out, src, tile_expert, tile_row, np.array([num], i32), cursor, i32(n), i32(kdim),
+                              i32(gather)])
+        want = _grouped_gemm(to_float32(a), to_float32(w), src, tile_expert, tile_row, num, cursor, bm, gather)
+        tol = 1e-2 if dtype == "float16" else 5e-2  # the output rounded once to fp16 / bf16, |values| up to ~8
+        np.testing.assert_allclose(to_float32(out), want, rtol=tol, atol=tol)
