@@ -11,10 +11,10 @@ addresses, reading shared memory no one wrote: 0xff filler, NaN in fp16/bf16) fa
 The products are exact in float32 and summed in k order, where the tensor cores sum in their own order: results
 agree with a GPU's to float32 rounding, and the fp16/bf16 P and outputs round the same way (nearest even).
 
-    attention(qkv, k_cache, v_cache, meta, scale, out, ...)   # ops/cuda/attention.attention, run here
+    module, restore = load_cuda_module("attention")   # ops/cuda/attention.py, its launches emulated
 
-runs the real launcher (ops/cuda/attention.py: the grid, the split plan, shared-memory sizes, the combine step) on
-numpy arrays through a stand-in for CuPy, each get_kernel launch emulated.
+runs a real launcher (ops/cuda/attention.py: the grid, the split plan, shared-memory sizes, the combine step; or
+ops/cuda/moe.py) on numpy arrays through a stand-in for CuPy, each get_kernel launch emulated.
 """
 from __future__ import annotations
 
@@ -78,6 +78,8 @@ static inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
     __nv_bfloat162 r; r.x = __nv_bfloat16(a); r.y = __nv_bfloat16(b); return r;
 }
 static inline __half __float2half_rn(float f) { return __half(f); }
+static inline float __half2float(__half h) { return float(h); }
+static inline float __bfloat162float(__nv_bfloat16 b) { return float(b); }
 static inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16(f); }
 static inline __half __ushort_as_half(unsigned short u) { __half h; h.x = u; return h; }
 static inline __half2 __halves2half2(__half a, __half b) { __half2 r; r.x = a; r.y = b; return r; }
@@ -196,7 +198,7 @@ def emulated_source(filename: str, defines: dict) -> str:
     return HOST_MMA + text + kernel_source(filename)
 
 
-# ---- a stand-in for CuPy, enough for ops/cuda/attention.py
+# ---- a stand-in for CuPy, enough for ops/cuda/attention.py and ops/cuda/moe.py
 class DevArray(np.ndarray):
     """A numpy array posing as device memory."""
 
@@ -224,16 +226,16 @@ class EmulatedKernel:
         host_cuda.run_source(self.source, self.name, block[0], tuple(grid), plain, shared_mem=shared_mem)
 
 
-def load_attention(sms: int = 8, max_smem: int = 227 << 10):
-    """ops/cuda/attention.py imported against the stand-in (a GPU of `sms` SMs). Returns (module, restore): the
-    caller calls restore() to put sys.modules back."""
+def load_cuda_module(name: str, sms: int = 132, max_smem: int = 227 << 10, stubs: dict | None = None):
+    """ops/cuda/<name>.py imported against the stand-in (a GPU of `sms` SMs), its kernels emulated; `stubs` are
+    other ops.cuda modules it imports, by name (e.g. {"basic": a module with silu_and_mul}). Returns (module,
+    restore): the caller calls restore() to put sys.modules back."""
     cp = types.ModuleType("cupy")
     cp.ndarray = DevArray
-    cp.float32 = np.float32
-    cp.uint8 = np.uint8
-    cp.int32 = np.int32
+    cp.float32, cp.uint8, cp.int32 = np.float32, np.uint8, np.int32
     cp.empty = lambda shape, dtype=np.float32: dev(np.full(shape, np.nan, dtype) if np.dtype(dtype).kind == "f"
-                                                 else np.zeros(shape, dtype))
+                                                 else np.full(shape, -1, dtype))  # unwritten output shows
+    cp.zeros = lambda shape, dtype=np.float32: dev(np.zeros(shape, dtype))
     stream = types.SimpleNamespace(is_capturing=lambda: False)
     cp.cuda = types.SimpleNamespace(
         Device=lambda i=0: types.SimpleNamespace(id=0, attributes={"MultiProcessorCount": sms,
@@ -242,21 +244,25 @@ def load_attention(sms: int = 8, max_smem: int = 227 << 10):
     compile_stub = types.ModuleType("ops.cuda.compile")
     kernels: dict = {}
 
-    def get_kernel(filename, name, **defines):
-        key = (filename, name, tuple(sorted(defines.items())))
+    def get_kernel(filename, kernel, **defines):
+        key = (filename, kernel, tuple(sorted(defines.items())))
         if key not in kernels:
-            kernels[key] = EmulatedKernel(filename, name, defines)
+            kernels[key] = EmulatedKernel(filename, kernel, defines)
         return kernels[key]
     compile_stub.get_kernel = get_kernel
     compile_stub.cuda_type = lambda dtype: {np.dtype(np.float16): "half", np.dtype(np.uint16): "__nv_bfloat16"}[
         np.dtype(dtype)]
     package = types.ModuleType("ops.cuda")  # not ops/cuda/__init__.py: the whole backend would need CuPy
     package.__path__ = [str(Path(KERNEL_DIR).parent / "cuda")]
-    saved = {k: sys.modules.get(k) for k in ("cupy", "ops.cuda", "ops.cuda.compile", "ops.cuda.attention")}
-    sys.modules.update({"cupy": cp, "ops.cuda": package, "ops.cuda.compile": compile_stub})
-    spec = importlib.util.spec_from_file_location("ops.cuda.attention", package.__path__[0] + "/attention.py")
+    modules = {"cupy": cp, "ops.cuda": package, "ops.cuda.compile": compile_stub,
+               **{f"ops.cuda.{k}": v for k, v in (stubs or {}).items()}}
+    for k, v in (stubs or {}).items():
+        setattr(package, k, v)
+    saved = {k: sys.modules.get(k) for k in [*modules, f"ops.cuda.{name}"]}
+    sys.modules.update(modules)
+    spec = importlib.util.spec_from_file_location(f"ops.cuda.{name}", f"{package.__path__[0]}/{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["ops.cuda.attention"] = module
+    sys.modules[f"ops.cuda.{name}"] = module
     spec.loader.exec_module(module)
 
     def restore():

@@ -20,7 +20,7 @@ SMS = 132  # the stand-in GPU is an H100: few CTAs, so contexts over MIN_CHUNK (
 
 @pytest.fixture(scope="module")
 def xp():
-    module, restore = host_mma.load_attention(sms=SMS)
+    module, restore = host_mma.load_cuda_module("attention", sms=SMS)
     yield types.SimpleNamespace(asarray=host_mma.dev, asnumpy=lambda a: np.array(a.view(np.ndarray)),
                                 empty=lambda shape, dtype: host_mma.dev(np.empty(shape, dtype)),
                                 attention=module.attention, module=module)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from ops import reference
-from ops.kernel_source import kernel_source
 from ops.moe_layout import max_tiles, tile_rows
 from tests import host_cuda, host_mma
 from tests.attention_cases import to_float32, to_storage
@@ -18,8 +17,8 @@ i32 = np.int32
 
 
 def _source(bm: int, normalize: bool, shared: bool) -> str:
-    return (f"#define HOST_EMULATION 1\n#define T float\n#define BM {bm}\n#define NORMALIZE {int(normalize)}\n"
-            f"#define SHARED {int(shared)}\n" + kernel_source("moe_route.cu"))
+    defines = dict(T="float", BM=bm, NORMALIZE=int(normalize), SHARED=int(shared))
+    return host_mma.emulated_source("moe_route.cu", defines)
 
 
 def _route(src, logits, k):

@@ -11,16 +11,16 @@
 //                Afterwards cursor[e] is the end of expert e's rows.
 //   moe_combine  one block a token: out[t] = sum_j w[t, j] * y[pos[t, j]] in float32, plus sigmoid(gate[t]) *
 //                shared[t] when SHARED (Qwen2-MoE's shared expert, computed by the dense ops beforehand).
-// No tensor cores here: tests/test_moe_kernels.py runs these on the CPU (tests/host_cuda.py, T = float).
+// tests/test_moe_kernels.py runs these on the CPU (tests/host_mma.py), T = float and, through ops/cuda/moe.py, half.
 // nvcc-variants: -DT=half; -DT=__nv_bfloat16 -DBM=64 -DSHARED=1 -DNORMALIZE=0
-#ifndef HOST_EMULATION
+#ifndef CUPYLLM_HOST_EMU  // the CPU emulator (tests/host_mma.py) brings its own fp16/bf16 types
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#endif
 __device__ __forceinline__ float to_f(half v) { return __half2float(v); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ void from_f(float f, half& o) { o = __float2half_rn(f); }
 __device__ __forceinline__ void from_f(float f, __nv_bfloat16& o) { o = __float2bfloat16_rn(f); }
-#endif
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ void from_f(float f, float& o) { o = f; }
 
