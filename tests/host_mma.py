@@ -226,6 +226,13 @@ class EmulatedKernel:
         host_cuda.run_source(self.source, self.name, block[0], tuple(grid), plain, shared_mem=shared_mem)
 
 
+def _filled(shape, dtype) -> DevArray:
+    """Fresh "device memory": 0xff bytes (NaN as any float, -1 as any int), so output never written shows."""
+    a = np.empty(shape, dtype)
+    a.reshape(-1).view(np.uint8)[:] = 0xFF
+    return dev(a)
+
+
 def load_cuda_module(name: str, sms: int = 132, max_smem: int = 227 << 10, stubs: dict | None = None):
     """ops/cuda/<name>.py imported against the stand-in (a GPU of `sms` SMs), its kernels emulated; `stubs` are
     other ops.cuda modules it imports, by name (e.g. {"basic": a module with silu_and_mul}). Returns (module,
@@ -233,8 +240,7 @@ def load_cuda_module(name: str, sms: int = 132, max_smem: int = 227 << 10, stubs
     cp = types.ModuleType("cupy")
     cp.ndarray = DevArray
     cp.float32, cp.uint8, cp.int32 = np.float32, np.uint8, np.int32
-    cp.empty = lambda shape, dtype=np.float32: dev(np.full(shape, np.nan, dtype) if np.dtype(dtype).kind == "f"
-                                                 else np.full(shape, -1, dtype))  # unwritten output shows
+    cp.empty = lambda shape, dtype=np.float32: _filled(shape, dtype)
     cp.zeros = lambda shape, dtype=np.float32: dev(np.zeros(shape, dtype))
     stream = types.SimpleNamespace(is_capturing=lambda: False)
     cp.cuda = types.SimpleNamespace(

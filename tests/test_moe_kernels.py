@@ -4,6 +4,8 @@ tile covers, x gathered by token) played by numpy. The grouped GEMM itself (ops/
 runs here too, in fp16 and bf16, with tests/host_mma.py's mma.sync, ldmatrix and cp.async, against that contract."""
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 
@@ -144,3 +146,44 @@ def test_grouped_gemm_kernel_equals_its_contract(rng, dtype, t, e, k, n, kdim):
         want = _grouped_gemm(to_float32(a), to_float32(w), src, tile_expert, tile_row, num, cursor, bm, gather)
         tol = 1e-2 if dtype == "float16" else 5e-2  # the output rounded once to fp16 / bf16, |values| up to ~8
         np.testing.assert_allclose(to_float32(out), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("with_shared", [False, True])
+def test_the_gpu_launcher_computes_the_reference_moe(rng, dtype, with_shared):
+    """ops/cuda/moe.moe itself (never yet run on a GPU): its five launches (route, offsets, permute, the two grouped
+    GEMMs, combine) with their grids and arguments, all emulated in fp16 / bf16, through the CuPy stand-in of
+    tests/host_mma.py. The dense pieces it borrows are numpy here: `linear` (cuBLASLt on a GPU) rounds its output
+    to the storage type as cuBLASLt does, silu_and_mul (the JIT kernel, held to numpy in tests/test_jit_host.py)
+    too. Against ops/reference.moe's routing and experts in float32 on the same rounded inputs."""
+    t, h, e, inter, k = 21, 64, 8, 24, 3
+    rnd = lambda a: to_float32(to_storage(a.astype(np.float32), dtype))  # noqa: E731
+    x = rnd(rng.normal(size=(t, h)))
+    router = rnd(rng.normal(0, .5, (e, h)))
+    gate_up, down = rnd(rng.normal(0, .3, (e, 2 * inter, h))), rnd(rng.normal(0, .3, (e, h, inter)))
+    shared = (rnd(rng.normal(0, .3, (32, h))), rnd(rng.normal(0, .3, (h, 16))), rnd(rng.normal(0, .3, (1, h)))) \
+        if with_shared else None
+    store = lambda a: host_mma.dev(to_storage(a, dtype))  # noqa: E731
+
+    def linear(a, w, bias, out):
+        out[...] = to_storage(to_float32(np.asarray(a)) @ to_float32(np.asarray(w)).T, dtype)
+
+    def silu_and_mul(a, out):
+        f = np.empty((a.shape[0], a.shape[1] // 2), np.float32)
+        reference.silu_and_mul(to_float32(np.asarray(a)), f)
+        out[...] = to_storage(f, dtype)
+    basic = types.SimpleNamespace(silu_and_mul=silu_and_mul)
+    module, restore = host_mma.load_cuda_module("moe", stubs={"basic": basic})
+    try:
+        out = store(np.zeros((t, h), np.float32))
+        module.moe(linear, store(x), store(router), store(gate_up), store(down), k, not with_shared, out,
+                   tuple(store(s) for s in shared) if shared else None)
+    finally:
+        restore()
+    ref = np.empty((t, h), np.float32)
+    # routed on the router's logits as `linear` rounded them: a near-tie between two experts goes the same way
+    ids, w = reference.moe_route(rnd(x @ router.T), k, not with_shared)
+    reference.moe_experts(x, ids, w, gate_up, down, ref, shared)
+    # the hidden rows and the expert outputs are rounded to fp16 / bf16 once each on the way, as on the GPU
+    tol = 2e-2 if dtype == "float16" else 1e-1
+    np.testing.assert_allclose(to_float32(np.asarray(out)), ref, rtol=tol, atol=tol)
