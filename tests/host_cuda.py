@@ -578,7 +578,8 @@ def host_source(source: str, name: str, nt: int) -> tuple[str, list[tuple[str, s
     call = ", ".join(f"({t})a[{i}]" if t.endswith("*") else f"*({t} *)a[{i}]" for i, (t, _) in enumerate(params))
     wrapper = f'\nEMU_API void emu_invoke(void **a) {{ {name}({call}); }}\n'
     # dynamic shared memory (the launch's shared_mem bytes) is the runtime's per-block buffer
-    source = _DYNAMIC_SMEM.sub(r"unsigned char *\1 = emu_dyn_smem;", source)
+    # (a macro: the declaration may sit at file scope, before any launch has set the buffer)
+    source = _DYNAMIC_SMEM.sub(r"\n#define \1 emu_dyn_smem\n", source)
     return HOST_PRELUDE + source + wrapper, params
 
 
@@ -687,6 +688,9 @@ def run_source(source: str, name: str, nt: int, blocks, args, what: str | None =
                     ptrs[m] = region.data + args[m].ctypes.data - lo
             for i, ((ctype, pname), value) in enumerate(zip(lib.params, args)):
                 if i in ptrs:
+                    continue
+                if ctype.endswith("*") and isinstance(value, (np.uint64, int)) and int(value) == 0:
+                    ptrs[i] = 0  # a null pointer (ops/cuda/sampling.py's _NULL): pointers go in argv as they are
                     continue
                 if ctype == "float" and isinstance(value, np.float32):
                     c = ctypes.c_float(value)

@@ -18,6 +18,7 @@ ops/cuda/moe.py) on numpy arrays through a stand-in for CuPy, each get_kernel la
 """
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import sys
 import types
@@ -34,6 +35,11 @@ HOST_MMA = r"""// tests/host_mma.py: the types and PTX wrappers mma.cuh leaves o
 #include <string.h>
 #define EMU_XSLOT 64  // bytes between lanes in emu_exchange's answer (the runtime's XSLOT)
 struct float2 { float x, y; };
+struct __attribute__((aligned(16))) float4 {  // its copies check a GPU's 16-byte alignment, as uint4's do
+    float x, y, z, w;
+    float4() = default;
+    float4(const float4 &o) { emu_aligned(&o, 16, "16-byte vector load"); x = o.x; y = o.y; z = o.z; w = o.w; }
+};
 static inline float2 make_float2(float x, float y) { float2 r; r.x = x; r.y = y; return r; }
 
 static inline float emu_h2f(unsigned short h) {
@@ -188,6 +194,50 @@ static inline void emu_ldmatrix(unsigned* r, unsigned addr, bool trans) {
 static inline void ldmatrix_x4(unsigned* r, unsigned addr) { emu_ldmatrix(r, addr, false); }
 static inline void ldmatrix_x4_trans(unsigned* r, unsigned addr) { emu_ldmatrix(r, addr, true); }
 static inline float fast_exp2(float x) { return exp2f(x); }
+// warp votes and reductions, through the same exchange: every lane of the warp calls them together, as the
+// kernels do (__reduce_add_sync's masks partition the warp: each lane sums over the lanes its mask names)
+static inline unsigned emu_vote(unsigned mask, unsigned v, int op) {
+    if (mask != 0xffffffffu && op != 2) emu_fail("a warp vote with a partial mask is not emulated");
+    if (!(mask >> (threadIdx.x & 31) & 1)) emu_fail("__reduce_add_sync: a lane's mask leaves the lane out");
+    const unsigned char* all = emu_exchange(&v, 4);
+    const int lane = threadIdx.x & 31;
+    unsigned mine, r = 0;
+    memcpy(&mine, all + lane * EMU_XSLOT, 4);
+    for (int l = 0; l < 32; ++l) {
+        unsigned x;
+        memcpy(&x, all + l * EMU_XSLOT, 4);
+        if (op == 0) r |= (x != 0) << l;        // ballot
+        else if (op == 1) r |= (x == mine) << l;  // match_any
+        else if (mask >> l & 1) r += x;       // reduce_add over the lanes of the mask
+    }
+    return r;
+}
+static inline unsigned __ballot_sync(unsigned m, int p) { return emu_vote(m, p != 0, 0); }
+static inline int __any_sync(unsigned m, int p) { return emu_vote(m, p != 0, 0) != 0; }
+static inline unsigned __match_any_sync(unsigned m, unsigned v) { return emu_vote(m, v, 1); }
+static inline unsigned __reduce_add_sync(unsigned m, unsigned v) { return emu_vote(m, v, 2); }
+static inline int __popc(unsigned x) { return __builtin_popcount(x); }
+static inline int __ffs(int x) { return __builtin_ffs(x); }
+static inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b) {
+    return (unsigned long long)(((unsigned __int128)a * b) >> 64);
+}
+// round-to-nearest float ops, never contracted (no FMA in the x86-64 baseline g++ targets)
+static inline float __fadd_rn(float a, float b) { return a + b; }
+static inline float __fsub_rn(float a, float b) { return a - b; }
+static inline float __fmul_rn(float a, float b) { return a * b; }
+static inline float __fdiv_rn(float a, float b) { return a / b; }
+static inline unsigned __float2uint_rn(float f) { return f <= 0.f ? 0u : f >= 4294967295.f ? 0xffffffffu \
+: (unsigned)nearbyintf(f); }
+static inline float __uint2float_rn(unsigned u) { return (float)u; }
+// threads switch only at barriers, so a read-modify-write is atomic as it stands (int atomicAdd: host_cuda.py)
+static inline unsigned atomicAdd(unsigned* p, unsigned v) { const unsigned o = *p; *p = o + v; return o; }
+static inline float atomicAdd(float* p, float v) { const float o = *p; *p = o + v; return o; }
+static inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) { \
+const unsigned long long o = *p; *p = o + v; return o; }
+static inline unsigned atomicOr(unsigned* p, unsigned v) { const unsigned o = *p; *p = o | v; return o; }
+static inline int atomicOr(int* p, int v) { const int o = *p; *p = o | v; return o; }
+static inline int atomicMin(int* p, int v) { const int o = *p; *p = v < o ? v : o; return o; }
+static inline unsigned atomicMin(unsigned* p, unsigned v) { const unsigned o = *p; *p = v < o ? v : o; return o; }
 #line 1 "kernel"
 """
 
@@ -205,6 +255,10 @@ class DevArray(np.ndarray):
     @property
     def data(self):
         return types.SimpleNamespace(ptr=self.ctypes.data)
+
+    @property
+    def device(self):
+        return types.SimpleNamespace(id=0)
 
 
 def dev(a) -> DevArray:
@@ -226,6 +280,12 @@ class EmulatedKernel:
         host_cuda.run_source(self.source, self.name, block[0], tuple(grid), plain, shared_mem=shared_mem)
 
 
+def _pinned(n: int):
+    """Page-locked host memory as CuPy gives it: a buffer with .ptr (numpy can wrap it)."""
+    kind = type("Pinned", (ctypes.c_uint8 * n,), {"ptr": property(lambda self: ctypes.addressof(self))})
+    return kind()
+
+
 def _filled(shape, dtype) -> DevArray:
     """Fresh "device memory": 0xff bytes (NaN as any float, -1 as any int), so output never written shows."""
     a = np.empty(shape, dtype)
@@ -242,11 +302,19 @@ def load_cuda_module(name: str, sms: int = 132, max_smem: int = 227 << 10, stubs
     cp.float32, cp.uint8, cp.int32 = np.float32, np.uint8, np.int32
     cp.empty = lambda shape, dtype=np.float32: _filled(shape, dtype)
     cp.zeros = lambda shape, dtype=np.float32: dev(np.zeros(shape, dtype))
-    stream = types.SimpleNamespace(is_capturing=lambda: False)
+    cp.full = lambda shape, value, dtype=np.float32: dev(np.full(shape, value, dtype))
+    cp.asarray = lambda a, dtype=None: dev(np.array(a, dtype))
+    cp.asnumpy = lambda a: np.array(np.asarray(a).view(np.ndarray))
+    stream = types.SimpleNamespace(is_capturing=lambda: False, ptr=0)
+    event = types.SimpleNamespace(record=lambda stream=None: None, synchronize=lambda: None)
+    runtime = types.SimpleNamespace(memcpyHostToDevice=1, memcpyDeviceToHost=2,
+                                    memcpyAsync=lambda dst, src, n, kind, stream: ctypes.memmove(dst, src, n),
+                                    memsetAsync=lambda ptr, value, n, stream: ctypes.memset(ptr, value, n))
     cp.cuda = types.SimpleNamespace(
         Device=lambda i=0: types.SimpleNamespace(id=0, attributes={"MultiProcessorCount": sms,
                                                                    "MaxSharedMemoryPerBlockOptin": max_smem}),
-        get_current_stream=lambda: stream)
+        get_current_stream=lambda: stream, Event=lambda disable_timing=False: event, runtime=runtime,
+        alloc_pinned_memory=_pinned)
     compile_stub = types.ModuleType("ops.cuda.compile")
     kernels: dict = {}
 
@@ -256,8 +324,8 @@ def load_cuda_module(name: str, sms: int = 132, max_smem: int = 227 << 10, stubs
             kernels[key] = EmulatedKernel(filename, kernel, defines)
         return kernels[key]
     compile_stub.get_kernel = get_kernel
-    compile_stub.cuda_type = lambda dtype: {np.dtype(np.float16): "half", np.dtype(np.uint16): "__nv_bfloat16"}[
-        np.dtype(dtype)]
+    compile_stub.cuda_type = lambda dtype: {np.dtype(np.float32): "float", np.dtype(np.float16): "half",
+                                            np.dtype(np.uint16): "__nv_bfloat16"}[np.dtype(dtype)]
     package = types.ModuleType("ops.cuda")  # not ops/cuda/__init__.py: the whole backend would need CuPy
     package.__path__ = [str(Path(KERNEL_DIR).parent / "cuda")]
     modules = {"cupy": cp, "ops.cuda": package, "ops.cuda.compile": compile_stub,
@@ -270,7 +338,7 @@ def load_cuda_module(name: str, sms: int = 132, max_smem: int = 227 << 10, stubs
     module = importlib.util.module_from_spec(spec)
     sys.modules[f"ops.cuda.{name}"] = module
     spec.loader.exec_module(module)
-
+    module.cp = cp  # the stand-in, for the caller's arrays too
     def restore():
         for k, v in saved.items():
             if v is None:

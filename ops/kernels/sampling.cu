@@ -19,8 +19,10 @@
 // Philox words only for kept tokens. Instruction-bound on one SM per row: ~11 us greedy, ~70-110 us sampled
 // (H200, V = 152064); splitting a row over several CTAs is what would speed up small batches.
 // nvcc-variants: -DLOGIT_T=float -DID_BITS=64; -DLOGIT_T=half -DID_BITS=32; -DLOGIT_T=__nv_bfloat16 -DID_BITS=64
+#ifndef CUPYLLM_HOST_EMU  // the CPU emulator (tests/host_mma.py) brings its own fp16/bf16 types
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#endif
 
 #ifndef LOGIT_T
 #define LOGIT_T float  // float, half or __nv_bfloat16

@@ -13,8 +13,10 @@
 // 16-byte vectors where vec (V % 8 == 0 and 16-byte aligned logits); otherwise each clear bit's token alone
 // (past V ignored). The logits are only written, never read.
 // nvcc-variants: -DLOGIT_T=float; -DLOGIT_T=half; -DLOGIT_T=__nv_bfloat16
+#ifndef CUPYLLM_HOST_EMU  // the CPU emulator (tests/host_mma.py) brings its own fp16/bf16 types
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#endif
 
 #ifndef LOGIT_T
 #define LOGIT_T float  // float, half or __nv_bfloat16

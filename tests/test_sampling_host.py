@@ -1,0 +1,82 @@
+"""The GPU sampler (ops/kernels/sampling.cu: bias and penalties, greedy, temperature, top-k, top-p, min-p, the seeded
+race, logprobs and the raw top-N) on the CPU: ops/cuda/sampling.py's SamplingBuffers and sample() over the CuPy
+stand-in of tests/host_mma.py, the kernel emulated (1024 threads a row, warp votes, shared bitmaps), held to the
+numpy oracle ops.sampling.sample with the GPU tests' cases and bars (tests/sampling_cases.py). Vocabularies are
+smaller than a model's where the path taken does not depend on it, to keep the emulation quick."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.sampling_params import SamplingParams
+from ops.sampling_types import SamplingTensors
+from tests import host_cuda, host_mma, sampling_cases
+from tests.attention_cases import to_storage
+from tests.sampling_cases import MAX_FLIPS, build, check, flat_logits, lm_logits
+
+pytestmark = pytest.mark.skipif(not host_cuda.available(), reason="needs g++ for the CUDA emulator")
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    module, restore = host_mma.load_cuda_module("sampling")
+    yield module
+    restore()
+
+
+def _run(gpu, stored, t, ids_dtype=np.int64):
+    return sampling_cases.run(gpu, gpu.cp, stored, t, ids_dtype)
+
+
+def test_greedy_ties_and_logprobs(gpu, rng):
+    logits = lm_logits(rng, 6, 5000)
+    logits[0, [7, 11]] = logits[0].max() + 1  # a tie for the top: the lowest id wins
+    t = build(rng, logits, "greedy", logprobs=20)
+    assert (check(logits, t, _run(gpu, logits, t), 0) == 0).all()
+
+
+@pytest.mark.parametrize("kind", ["temperature", "top_k", "top_p", "min_p", "mixed"])
+@pytest.mark.parametrize("shape", ["lm", "flat"])
+def test_seeded_sampling_matches_numpy(gpu, rng, kind, shape):
+    logits = (lm_logits if shape == "lm" else flat_logits)(rng, 8, 6000)
+    t = build(rng, logits, kind, logprobs=int(rng.integers(0, 6)) if kind != "mixed" else 3)
+    check(logits, t, _run(gpu, logits, t), MAX_FLIPS)
+
+
+def test_every_path_is_taken_and_matches(gpu, rng):
+    """Greedy, the whole-vocab race, the candidate list and the radix select, at a 152K vocabulary (the bounds
+    that choose among them depend on it), as tests/gpu/test_sampling.py takes them."""
+    vocab = 152064
+    logits = np.concatenate([lm_logits(rng, 4, vocab), flat_logits(rng, 3, vocab)])
+    logits[3, int(rng.integers(vocab))] += 25
+    wide = flat_logits(rng, 1, vocab)
+    wide[0, rng.choice(vocab, 3000, replace=False)] = 12 + 0.3 * rng.standard_normal(3000, dtype=np.float32)
+    logits = np.concatenate([logits, wide])
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9), SamplingParams(top_k=50, top_p=0.9),
+              SamplingParams(top_p=0.9, temperature=0.7), SamplingParams(top_p=0.9), SamplingParams(top_k=3000),
+              SamplingParams(top_k=5000, top_p=0.5, min_p=0.01), SamplingParams(top_p=0.9)]
+    t = SamplingTensors.build([(p, [], [], int(rng.integers(0, 2**63)), []) for p in params], vocab)
+    paths = check(logits, t, _run(gpu, logits, t), MAX_FLIPS)
+    np.testing.assert_array_equal(paths, [0, 1, 2, 2, 3, 3, 3, 2])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_logits_and_int32_ids(gpu, rng, dtype):
+    stored = to_storage(lm_logits(rng, 8, 4000), dtype)
+    logits = stored.astype(np.float32) if dtype == "float16" else (stored.astype(np.uint32) << 16).view(np.float32)
+    for kind in ("greedy", "mixed", "top_k"):
+        t = build(rng, logits, kind, logprobs=4)
+        check(logits, t, _run(gpu, stored, t, ids_dtype=np.int32), MAX_FLIPS)
+
+
+def test_constant_rows_and_odd_vocab(gpu, rng):
+    for vocab in (1001, 4096):
+        logits = np.zeros((6, vocab), np.float32)
+        logits[3:] = rng.standard_normal((3, vocab), dtype=np.float32)
+        params = [SamplingParams(temperature=0.0, logprobs=3), SamplingParams(top_k=5, logprobs=3),
+                  SamplingParams(top_p=0.5, logprobs=3), SamplingParams(min_p=0.5, logprobs=3),
+                  SamplingParams(temperature=0.0, logprobs=3), SamplingParams(top_k=10, top_p=0.9, logprobs=3)]
+        t = SamplingTensors.build([(p, [], [], int(rng.integers(0, 2**63)), []) for p in params], vocab)
+        got = _run(gpu, logits, t)
+        check(logits, t, got, MAX_FLIPS)
+        assert got[0][0] == 0  # greedy over a constant row: the lowest id
