@@ -260,6 +260,9 @@ class DevArray(np.ndarray):
     def device(self):
         return types.SimpleNamespace(id=0)
 
+    def get(self, stream=None):
+        return np.array(self.view(np.ndarray))
+
 
 def dev(a) -> DevArray:
     return np.ascontiguousarray(a).view(DevArray)

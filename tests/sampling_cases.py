@@ -141,3 +141,22 @@ def check(logits, t, got, max_flips: int) -> np.ndarray:
         unique = np.array([[np.count_nonzero(row == v) == 1 for v in vals] for row, vals in zip(logits, values)])
         np.testing.assert_array_equal(top_ids[unique], want.top_ids[unique])
     return stats[:, 3].astype(int)
+
+
+def every_path_case(rng):
+    """Rows chosen so that each way of finding tau runs, at a 152K vocabulary (the bounds that choose among them
+    depend on it): greedy, the whole-vocab race, the candidate list, the radix select. Returns (logits, tensors,
+    the path each row takes)."""
+    vocab = 152064
+    logits = np.concatenate([lm_logits(rng, 4, vocab), flat_logits(rng, 3, vocab)])
+    logits[3, int(rng.integers(vocab))] += 25  # one dominant token: top-p's bound from the thread maxima holds
+    # 3000 near-equal tokens far above the rest: more than the 2048 thread values, so that bound fails, but
+    # the fixed floor s >= -2 holds them all and they fit the candidate buffer
+    wide = flat_logits(rng, 1, vocab)
+    wide[0, rng.choice(vocab, 3000, replace=False)] = 12 + 0.3 * rng.standard_normal(3000, dtype=np.float32)
+    logits = np.concatenate([logits, wide])
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9), SamplingParams(top_k=50, top_p=0.9),
+              SamplingParams(top_p=0.9, temperature=0.7), SamplingParams(top_p=0.9), SamplingParams(top_k=3000),
+              SamplingParams(top_k=5000, top_p=0.5, min_p=0.01), SamplingParams(top_p=0.9)]
+    t = SamplingTensors.build([(p, [], [], int(rng.integers(0, 2**63)), []) for p in params], vocab)
+    return logits, t, [0, 1, 2, 2, 3, 3, 3, 2]

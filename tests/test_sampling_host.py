@@ -44,20 +44,8 @@ def test_seeded_sampling_matches_numpy(gpu, rng, kind, shape):
 
 
 def test_every_path_is_taken_and_matches(gpu, rng):
-    """Greedy, the whole-vocab race, the candidate list and the radix select, at a 152K vocabulary (the bounds
-    that choose among them depend on it), as tests/gpu/test_sampling.py takes them."""
-    vocab = 152064
-    logits = np.concatenate([lm_logits(rng, 4, vocab), flat_logits(rng, 3, vocab)])
-    logits[3, int(rng.integers(vocab))] += 25
-    wide = flat_logits(rng, 1, vocab)
-    wide[0, rng.choice(vocab, 3000, replace=False)] = 12 + 0.3 * rng.standard_normal(3000, dtype=np.float32)
-    logits = np.concatenate([logits, wide])
-    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9), SamplingParams(top_k=50, top_p=0.9),
-              SamplingParams(top_p=0.9, temperature=0.7), SamplingParams(top_p=0.9), SamplingParams(top_k=3000),
-              SamplingParams(top_k=5000, top_p=0.5, min_p=0.01), SamplingParams(top_p=0.9)]
-    t = SamplingTensors.build([(p, [], [], int(rng.integers(0, 2**63)), []) for p in params], vocab)
-    paths = check(logits, t, _run(gpu, logits, t), MAX_FLIPS)
-    np.testing.assert_array_equal(paths, [0, 1, 2, 2, 3, 3, 3, 2])
+    logits, t, want = sampling_cases.every_path_case(rng)
+    np.testing.assert_array_equal(check(logits, t, _run(gpu, logits, t), MAX_FLIPS), want)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -26,7 +26,7 @@ from engine.sampling_params import SamplingParams
 from ops.kernel_source import KERNEL_DIR, kernel_source
 from ops.sampling import apply_token_mask
 from ops.sampling_types import SamplingTensors
-from tests import host_cuda
+from tests import host_cuda, host_mma
 
 NVCC = shutil.which("nvcc") or shutil.which("nvcc", path="/usr/local/cuda/bin")
 SOURCE = KERNEL_DIR / "token_mask.cu"
@@ -60,23 +60,7 @@ def test_compiles_without_warnings_or_spills(defines, arch, tmp_path):
 
 
 # ---- a stand-in for CuPy, enough for ops/cuda/sampling.py and DecodeGraphs.run
-class DevArray(np.ndarray):
-    """A numpy array posing as device memory: .data.ptr is its address."""
-
-    @property
-    def data(self):
-        return types.SimpleNamespace(ptr=self.ctypes.data)
-
-    @property
-    def device(self):
-        return types.SimpleNamespace(id=0)
-
-    def get(self, stream=None):
-        return np.array(self.view(np.ndarray))
-
-
-def _dev(a) -> DevArray:
-    return np.ascontiguousarray(a).view(DevArray)
+DevArray, _dev = host_mma.DevArray, host_mma.dev
 
 
 class FakeCuda:
@@ -94,7 +78,7 @@ class FakeCuda:
         cp.asarray = lambda a: _dev(np.array(a))
         cp.asnumpy = lambda a: np.array(np.asarray(a).view(np.ndarray))
         cuda = types.SimpleNamespace()
-        cuda.alloc_pinned_memory = self._pinned
+        cuda.alloc_pinned_memory = host_mma._pinned
         cuda.Event = _Event
         cuda.get_current_stream = lambda: types.SimpleNamespace(ptr=0)
         cuda.Device = lambda i=0: types.SimpleNamespace(attributes={"MultiProcessorCount": self.sms})
@@ -104,11 +88,6 @@ class FakeCuda:
         cuda.runtime = runtime
         cp.cuda = cuda
         self.cp = cp
-
-    @staticmethod
-    def _pinned(n: int):
-        kind = type("Pinned", (ctypes.c_uint8 * n,), {"ptr": property(lambda self: ctypes.addressof(self))})
-        return kind()
 
     def _memcpy(self, dst, src, n, kind, stream):
         ctypes.memmove(dst, src, n)

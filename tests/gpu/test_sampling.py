@@ -48,22 +48,8 @@ def test_seeded_sampling_matches_numpy(model, batch, kind, shape, rng):
 
 
 def test_every_path_is_taken_and_matches(rng):
-    # Rows chosen so that each way of finding tau runs: greedy, whole-vocab race, candidates, radix select.
-    vocab = VOCABS["qwen2.5-7b"]
-    logits = np.concatenate([lm_logits(rng, 4, vocab), flat_logits(rng, 3, vocab)])
-    logits[3, int(rng.integers(vocab))] += 25  # one dominant token: top-p's bound from the thread maxima holds
-    # 3000 near-equal tokens far above the rest: more than the 2048 thread values, so that bound fails, but
-    # the fixed floor s >= -2 holds them all and they fit the candidate buffer
-    wide = flat_logits(rng, 1, vocab)
-    wide[0, rng.choice(vocab, 3000, replace=False)] = 12 + 0.3 * rng.standard_normal(3000, dtype=np.float32)
-    logits = np.concatenate([logits, wide])
-    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9), SamplingParams(top_k=50, top_p=0.9),
-              SamplingParams(top_p=0.9, temperature=0.7), SamplingParams(top_p=0.9), SamplingParams(top_k=3000),
-              SamplingParams(top_k=5000, top_p=0.5, min_p=0.01), SamplingParams(top_p=0.9)]
-    rows = [(p, [], [], int(rng.integers(0, 2**63)), []) for p in params]
-    t = SamplingTensors.build(rows, vocab)
-    paths = check(logits, t, run_gpu(logits, t), MAX_FLIPS)
-    np.testing.assert_array_equal(paths, [0, 1, 2, 2, 3, 3, 3, 2])
+    logits, t, want = sampling_cases.every_path_case(rng)
+    np.testing.assert_array_equal(check(logits, t, run_gpu(logits, t), MAX_FLIPS), want)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
