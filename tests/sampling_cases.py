@@ -160,3 +160,14 @@ def every_path_case(rng):
               SamplingParams(top_k=5000, top_p=0.5, min_p=0.01), SamplingParams(top_p=0.9)]
     t = SamplingTensors.build([(p, [], [], int(rng.integers(0, 2**63)), []) for p in params], vocab)
     return logits, t, [0, 1, 2, 2, 3, 3, 3, 2]
+
+
+def constant_rows_case(rng, vocab: int):
+    """Every token tied in rows 0-2 (the top-N candidates overflow: N argmax passes), random rows 3-5; a vocab
+    that is not whole vectors where it is 1001. Row 0 is greedy: over a constant row it must pick id 0."""
+    logits = np.zeros((6, vocab), np.float32)
+    logits[3:] = rng.standard_normal((3, vocab), dtype=np.float32)
+    params = [SamplingParams(temperature=0.0, logprobs=3), SamplingParams(top_k=5, logprobs=3),
+              SamplingParams(top_p=0.5, logprobs=3), SamplingParams(min_p=0.5, logprobs=3),
+              SamplingParams(temperature=0.0, logprobs=3), SamplingParams(top_k=10, top_p=0.9, logprobs=3)]
+    return logits, SamplingTensors.build([(p, [], [], int(rng.integers(0, 2**63)), []) for p in params], vocab)

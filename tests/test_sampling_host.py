@@ -8,8 +8,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.sampling_params import SamplingParams
-from ops.sampling_types import SamplingTensors
 from tests import host_cuda, host_mma, sampling_cases
 from tests.attention_cases import to_storage
 from tests.sampling_cases import MAX_FLIPS, build, check, flat_logits, lm_logits
@@ -59,12 +57,7 @@ def test_half_logits_and_int32_ids(gpu, rng, dtype):
 
 def test_constant_rows_and_odd_vocab(gpu, rng):
     for vocab in (1001, 4096):
-        logits = np.zeros((6, vocab), np.float32)
-        logits[3:] = rng.standard_normal((3, vocab), dtype=np.float32)
-        params = [SamplingParams(temperature=0.0, logprobs=3), SamplingParams(top_k=5, logprobs=3),
-                  SamplingParams(top_p=0.5, logprobs=3), SamplingParams(min_p=0.5, logprobs=3),
-                  SamplingParams(temperature=0.0, logprobs=3), SamplingParams(top_k=10, top_p=0.9, logprobs=3)]
-        t = SamplingTensors.build([(p, [], [], int(rng.integers(0, 2**63)), []) for p in params], vocab)
+        logits, t = sampling_cases.constant_rows_case(rng, vocab)
         got = _run(gpu, logits, t)
         check(logits, t, got, MAX_FLIPS)
         assert got[0][0] == 0  # greedy over a constant row: the lowest id

@@ -216,8 +216,9 @@ def _check(qkv, k_cache, v_cache, meta, out, k_scale, v_scale):
     _, hkv, block_size, d = k_cache.shape
     if block_size != BLOCK_SIZE:
         raise ValueError(f"cache block size must be {BLOCK_SIZE}, got {block_size}")
-    if head_dim_problem(d):
-        raise ValueError(head_dim_problem(d))
+    problem = head_dim_problem(d)
+    if problem:
+        raise ValueError(problem)
     if qkv.ndim != 2 or out.ndim != 2 or qkv.shape[0] != out.shape[0]:
         raise ValueError(f"qkv [T, cols] and out [T, Hq*D] must be 2-D with equal rows, got {qkv.shape} {out.shape}")
     if out.shape[1] % d or (out.shape[1] // d) % hkv:

@@ -64,15 +64,8 @@ def test_half_logits_match_numpy_on_their_float32_values(dtype, rng):
 
 
 def test_constant_rows_and_odd_vocab(rng):
-    # Every token tied (the top-N candidates overflow: N argmax passes) and a vocab that is not whole vectors.
     for vocab in (1001, 4096):
-        logits = np.zeros((6, vocab), np.float32)
-        logits[3:] = rng.standard_normal((3, vocab), dtype=np.float32)
-        params = [SamplingParams(temperature=0.0, logprobs=3), SamplingParams(top_k=5, logprobs=3),
-                  SamplingParams(top_p=0.5, logprobs=3), SamplingParams(min_p=0.5, logprobs=3),
-                  SamplingParams(temperature=0.0, logprobs=3), SamplingParams(top_k=10, top_p=0.9, logprobs=3)]
-        rows = [(p, [], [], int(rng.integers(0, 2**63)), []) for p in params]
-        t = SamplingTensors.build(rows, vocab)
+        logits, t = sampling_cases.constant_rows_case(rng, vocab)
         got = run_gpu(logits, t)
         check(logits, t, got, MAX_FLIPS)
         assert got[0][0] == 0  # greedy over a constant row: the lowest id
